@@ -1,0 +1,374 @@
+"""``agentctl``: the command line of edgelm-agent. The only module that knows about click.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage error (click), 78 configuration error
+(EX_CONFIG from sysexits.h, listed in the systemd unit's ``RestartPreventExitStatus`` so a
+bad config does not restart-loop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, NoReturn
+
+import click
+
+import agent
+from agent.errors import AgentError, ConfigError, ModelError
+from backends.base import BackendError
+
+EXIT_CONFIG = 78
+
+logger = logging.getLogger("agent")
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"agentctl: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    # journald adds its own timestamps; keep ours off when running under systemd.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(agent.__version__, prog_name="agentctl")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """edgelm-agent: serve small language models on edge devices, measure what they cost."""
+    _setup_logging(verbose)
+
+
+def _resolve(model: str) -> Any:
+    from agent.models import resolve_model
+
+    try:
+        return resolve_model(model)
+    except ModelError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+
+
+def _threads(value: str) -> tuple[int, str]:
+    from backends.base import resolve_threads
+
+    try:
+        return resolve_threads(value)
+    except ValueError as exc:
+        _fail(f"--threads: {exc}", EXIT_CONFIG)
+
+
+# ---------------------------------------------------------------------------------- bench
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def render_bench_table(record: dict[str, Any]) -> str:
+    """A readable terminal table of a bench record."""
+    m = record["model"]
+    cfg = record["config"]
+    lines = [
+        f"model    {m['name']}  ({m['format']}, {m.get('quantization') or '?'}, "
+        f"{m['size_bytes'] / 1e6:.1f} MB, sha256 {m['sha256'][:12]}…)",
+        f"backend  {record['backend']} {record['provenance'].get('engine_version') or ''}  "
+        f"threads {cfg['n_threads']} ({record['provenance']['threads_how']})  "
+        f"prompt {record['n_prompt']} tok  max_tokens {cfg['max_tokens']}"
+        f"{'  ignore_eos' if cfg['ignore_eos'] else ''}",
+        f"runs     {cfg['runs']} measured, {cfg['warmup']} warm-up; "
+        f"model load {_fmt(record.get('load_ms'), 0)} ms; "
+        f"cold TTFT {_fmt((record.get('cold') or {}).get('ttft_ms'))} ms",
+        "",
+    ]
+    rows = [
+        ("TTFT", "ttft_ms", "ms"),
+        ("prefill", "prefill_tok_s", "tok/s"),
+        ("decode", "decode_tok_s", "tok/s"),
+        ("ITL", "itl_ms", "ms"),
+        ("e2e latency", "e2e_ms", "ms"),
+        ("completion tokens", "completion_tokens", "tok"),
+        ("worker CPU", "cpu_pct", "%"),
+    ]
+    header = f"{'metric':<18} {'unit':<6} {'mean':>9} {'p50':>9} {'p90':>9} {'min':>9} {'max':>9}"
+    lines += [header, "-" * len(header)]
+    for label, key, unit in rows:
+        s = record["summary"].get(key)
+        if s is None:
+            lines.append(f"{label:<18} {unit:<6} {'—':>9}")
+            continue
+        digits = 0 if key == "completion_tokens" else 1
+        lines.append(
+            f"{label:<18} {unit:<6} "
+            + " ".join(f"{_fmt(s[k], digits):>9}" for k in ("mean", "p50", "p90", "min", "max"))
+        )
+    rss = record.get("peak_rss_bytes")
+    lines.append(f"{'peak RSS':<18} {'MB':<6} {_fmt(rss / 1e6 if rss else None):>9}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--backend", default="llamacpp", show_default=True, help="Inference backend.")
+@click.option("--model", default="smollm2-135m", show_default=True, help="Model name or path.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-tokens tokens.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", default="auto", show_default=True, help="Positive count or 'auto'.")
+@click.option("--ctx", "context_tokens", type=click.IntRange(min=16), default=2048,
+              show_default=True, help="Context window to allocate (tokens).")
+@click.option("--prompt", default=None, help="User message (default: the standard bench prompt).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (edgelm.bench/1).")
+def bench(
+    backend: str, model: str, max_tokens: int, ignore_eos: bool, runs: int, warmup: int,
+    threads: str, context_tokens: int, prompt: str | None, as_json: bool,
+) -> None:
+    """Benchmark a backend on a model: TTFT, prefill/decode speed, ITL, latency, RSS, CPU."""
+    from agent.bench import DEFAULT_MESSAGES, BenchConfig, run_bench
+
+    resolved = _resolve(model)
+    n_threads, how = _threads(threads)
+    messages = DEFAULT_MESSAGES
+    if prompt is not None:
+        messages = ({"role": "user", "content": prompt},)
+    config = BenchConfig(
+        backend=backend, model=resolved, threads=n_threads, threads_how=how,
+        max_tokens=max_tokens, ignore_eos=ignore_eos, runs=runs, warmup=warmup,
+        messages=messages, context_tokens=context_tokens,
+    )
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if not as_json and sys.stderr.isatty():
+            click.echo(f"\r{phase:<7} {done}/{total}", err=True, nl=False)
+
+    try:
+        record = run_bench(config, progress=progress)
+    except BackendError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    if not as_json and sys.stderr.isatty():
+        click.echo("\r" + " " * 20 + "\r", err=True, nl=False)
+    if as_json:
+        click.echo(json.dumps(record))
+    else:
+        click.echo(render_bench_table(record))
+
+
+# ---------------------------------------------------------------------------------- infer
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--backend", default="llamacpp", show_default=True)
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
+@click.option("--system", default=None, help="System message.")
+@click.option("--threads", default="auto", show_default=True)
+@click.option("--stats/--no-stats", default=False, help="Print timings to stderr afterwards.")
+def infer(
+    prompt: str, backend: str, model: str, max_tokens: int, temperature: float,
+    system: str | None, threads: str, stats: bool,
+) -> None:
+    """Stream a completion of PROMPT (a chat message) to stdout."""
+    from agent.generation import run_generation
+    from agent.worker import InferenceWorker, WorkerConfig
+    from backends.base import BackendOptions, GenerationRequest, ModelSpec, TokenEvent
+
+    resolved = _resolve(model)
+    n_threads, _ = _threads(threads)
+    messages: list[dict[str, str]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": prompt})
+    worker = InferenceWorker(WorkerConfig(
+        backend=backend,
+        model=ModelSpec(resolved.name, resolved.path, resolved.format, resolved.sha256),
+        options=BackendOptions(threads=n_threads),
+    ))
+
+    def echo(event: TokenEvent) -> None:
+        if event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+
+    try:
+        worker.start()
+        accepted = time.monotonic_ns()
+        result = run_generation(
+            worker,
+            GenerationRequest(messages=tuple(messages), max_tokens=max_tokens,
+                              temperature=temperature),
+            accepted_ns=accepted, on_event=echo,
+        )
+    except BackendError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    finally:
+        worker.stop()
+    sys.stdout.write("\n")
+    if stats:
+        t = result.timings
+        click.echo(
+            f"[{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens, "
+            f"finish={result.finish_reason}, TTFT {_fmt(t.ttft_ms)} ms, "
+            f"decode {_fmt(t.decode_tok_s)} tok/s, e2e {_fmt(t.e2e_ms)} ms]",
+            err=True,
+        )
+
+
+# ---------------------------------------------------------------------------------- probes
+
+
+@main.group()
+def probes() -> None:
+    """Inspect the hardware probes."""
+
+
+@probes.command("list")
+@click.option("--root", default="/", show_default=True, help="Filesystem root (fixture trees).")
+@click.option("--json", "as_json", is_flag=True)
+def probes_list(root: str, as_json: bool) -> None:
+    """Show every registered probe, available or not, with the reason."""
+    from probes.registry import available_probe_classes
+
+    classes, errors = available_probe_classes()
+    rows: list[dict[str, Any]] = []
+    for name, cls in sorted(classes.items()):
+        try:
+            avail = cls(root=root).check()
+            rows.append({"probe": name, "ok": avail.ok, "degraded": avail.degraded,
+                         "reason": avail.reason})
+        except Exception as exc:  # a plugin bug must not hide the other probes
+            rows.append({"probe": name, "ok": False, "degraded": False,
+                         "reason": f"check failed: {type(exc).__name__}: {exc}"})
+    for name, err in sorted(errors.items()):
+        rows.append({"probe": name, "ok": False, "degraded": False,
+                     "reason": f"plugin failed to load: {err}"})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        state = "unavailable"
+        if row["ok"]:
+            state = "degraded" if row["degraded"] else "ok"
+        click.echo(f"{row['probe']:<12} {state:<12} {row['reason']}")
+
+
+@probes.command("sample")
+@click.option("--root", default="/", show_default=True, help="Filesystem root (fixture trees).")
+@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="Seconds between samples.")
+@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--probe", "names", multiple=True, help="Only these probes (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sample line.")
+def probes_sample(root: str, interval: float, count: int, names: tuple[str, ...],
+                  as_json: bool) -> None:
+    """Sample the available probes COUNT times, INTERVAL seconds apart."""
+    from probes.base import ProbeError, readings_as_dict
+    from probes.registry import create_probes
+
+    try:
+        active = [p for p in create_probes(list(names) or None, root) if p.check().ok]
+    except ProbeError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    deadline = time.monotonic()
+    for i in range(count):
+        if i:
+            deadline += interval
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        out: dict[str, Any] = {"ts_unix_ms": int(time.time() * 1000), "probes": {}, "errors": {}}
+        for p in active:
+            try:
+                out["probes"][p.name] = readings_as_dict(p.sample())
+            except Exception as exc:  # one failing probe must not hide the others
+                out["errors"][p.name] = f"{type(exc).__name__}: {exc}"
+        if as_json:
+            click.echo(json.dumps(out))
+        else:
+            for name, readings in out["probes"].items():
+                click.echo(f"[{i}] {name}: {json.dumps(readings)}")
+            for name, err in out["errors"].items():
+                click.echo(f"[{i}] {name}: ERROR {err}")
+    for p in active:
+        p.close()
+
+
+def run_main() -> None:
+    """Console entry with AgentError mapping (kept separate for tests)."""
+    try:
+        main(standalone_mode=True)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except AgentError as exc:
+        _fail(str(exc))
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+@main.command()
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="mqtt://[user:pass@]host[:port] or mqtts://… (TLS).")
+@click.option("--fleet", required=True, help="Fleet id (topic segment).")
+@click.option("--device", required=True, help="Device id (topic segment).")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="State directory (default: $STATE_DIRECTORY, /var/lib/edgelm or "
+                   "~/.local/state/edgelm).")
+@click.option("--backend", default="llamacpp", show_default=True)
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--threads", default="auto", show_default=True)
+@click.option("--ctx", "context_tokens", type=click.IntRange(min=16), default=2048,
+              show_default=True)
+@click.option("--mqtt-version", type=click.Choice(["5", "3"]), default="5", show_default=True,
+              help="MQTT protocol: 5, or 3 for 3.1.1.")
+@click.option("--telemetry-interval", type=click.FloatRange(min=0.05), default=1.0,
+              show_default=True, help="Seconds between telemetry messages.")
+@click.option("--probe-root", default="/", show_default=True,
+              help="Filesystem root for probes (fixture trees in tests).")
+@click.option("--probe", "probe_names", multiple=True, help="Enable only these probes.")
+@click.option("--queue-size", type=click.IntRange(min=0), default=16, show_default=True)
+def run(
+    broker: str, fleet: str, device: str, state_dir: str | None, backend: str, model: str,
+    threads: str, context_tokens: int, mqtt_version: str, telemetry_interval: float,
+    probe_root: str, probe_names: tuple[str, ...], queue_size: int,
+) -> None:
+    """Run the agent daemon in the foreground (systemd runs exactly this)."""
+    import dataclasses
+    from pathlib import Path
+
+    from agent.daemon import AgentDaemon, DaemonConfig, default_state_dir
+    from agent.mqtt import parse_broker_url
+    from agent.protocol import validate_segment
+
+    try:
+        validate_segment("--fleet", fleet)
+        validate_segment("--device", device)
+        broker_cfg = dataclasses.replace(parse_broker_url(broker), protocol=int(mqtt_version))
+    except (ValueError, ConfigError) as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    resolved = _resolve(model)
+    n_threads, how = _threads(threads)
+    config = DaemonConfig(
+        broker=broker_cfg, fleet=fleet, device=device,
+        state_dir=Path(state_dir) if state_dir else default_state_dir(),
+        backend=backend, model=resolved, threads=n_threads, threads_how=how,
+        context_tokens=context_tokens, telemetry_interval_s=telemetry_interval,
+        probe_root=probe_root, probe_names=probe_names or None, queue_size=queue_size,
+    )
+    from probes.base import ProbeError
+
+    try:
+        daemon = AgentDaemon(config)
+    except (OSError, ProbeError, ValueError) as exc:
+        _fail(f"cannot start: {exc}", EXIT_CONFIG)
+    sys.exit(daemon.run_forever())

@@ -1,0 +1,1 @@
+"""Hardware probes: one module per source; ``probes.base`` holds the contract."""

@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from agent.sampler import Sampler, Snapshot, next_deadline
+from probes.base import Availability, PowerCoverage, PowerReading, Probe, ProbeError
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass(frozen=True)
+class CountReadings:
+    n: int
+    power_mw: float | None
+
+
+class CountingProbe(Probe):
+    name = "counting"
+
+    def __init__(self, root: str = "/", *, available: bool = True) -> None:
+        super().__init__(root)
+        self.n = 0
+        self.available = available
+        self.checks = 0
+
+    def check(self) -> Availability:
+        self.checks += 1
+        return Availability(self.available, "" if self.available else "no such sensor")
+
+    def sample(self) -> CountReadings:
+        self.n += 1
+        return CountReadings(self.n, 1000.0 * self.n)
+
+    def power(self, readings: Any) -> list[PowerReading]:
+        return [PowerReading("fake:rail", PowerCoverage.BOARD_INPUT, readings.power_mw)]
+
+
+class FailingProbe(Probe):
+    name = "failing"
+
+    def __init__(self, root: str = "/") -> None:
+        super().__init__(root)
+        self.fail = True
+
+    def check(self) -> Availability:
+        return Availability(True)
+
+    def sample(self) -> CountReadings:
+        if self.fail:
+            raise ProbeError("sensor went away")
+        return CountReadings(0, None)
+
+
+# -- scheduling (pure) ----------------------------------------------------------------------
+
+
+def test_next_deadline_on_time() -> None:
+    assert next_deadline(10.0, 10.3, 1.0) == (11.0, 0)
+
+
+def test_next_deadline_exactly_on_deadline_is_not_an_overrun() -> None:
+    assert next_deadline(10.0, 11.0, 1.0) == (11.0, 0)
+
+
+def test_next_deadline_overrun_skips_and_counts() -> None:
+    # tick at 10 took until 12.5: deadlines 11 and 12 are skipped, next is 13
+    assert next_deadline(10.0, 12.5, 1.0) == (13.0, 2)
+    assert next_deadline(10.0, 11.25, 0.5) == (11.5, 2)
+
+
+def test_deadlines_do_not_drift() -> None:
+    d = 0.0
+    for _ in range(1000):
+        d, skipped = next_deadline(d, d + 0.03, 0.1)  # every tick costs 30 ms
+        assert skipped == 0
+    assert d == pytest.approx(100.0, abs=1e-9)
+
+
+# -- one tick -------------------------------------------------------------------------------
+
+
+def test_sample_once_builds_snapshot() -> None:
+    clock = FakeClock()
+    probe = CountingProbe()
+    s = Sampler([probe], interval_s=0.5, clock=clock, wall_clock=lambda: 1718000000.123)
+    snap = s.sample_once()
+    assert snap.ts_unix_ms == 1718000000123
+    assert snap.t_mono_s == 1000.0
+    assert snap.readings == {"counting": {"n": 1, "power_mw": 1000.0}}
+    assert snap.power == (PowerReading("fake:rail", PowerCoverage.BOARD_INPUT, 1000.0),)
+    assert snap.errors == {}
+    assert snap.interval_s == 0.5
+    assert s.latest() is snap
+
+
+def test_probe_errors_are_isolated_and_degrade_after_n() -> None:
+    good, bad = CountingProbe(), FailingProbe()
+    s = Sampler([bad, good], degrade_after=3, clock=FakeClock())
+    for i in range(2):
+        snap = s.sample_once()
+        assert snap.errors == {"failing": "ProbeError: sensor went away"}
+        assert snap.readings["counting"]["n"] == i + 1
+        assert not s.health()["failing"].degraded
+    s.sample_once()
+    h = s.health()["failing"]
+    assert h.degraded and "3 consecutive" in h.reason and "sensor went away" in h.reason
+    assert s.stats().probe_errors == {"failing": 3, "counting": 0}
+
+    bad.fail = False
+    snap = s.sample_once()
+    assert "failing" in snap.readings and snap.errors == {}
+    assert s.health()["failing"] == Availability(True)
+
+
+def test_unavailable_probe_not_sampled_and_rechecked() -> None:
+    clock = FakeClock()
+    probe = CountingProbe(available=False)
+    s = Sampler([probe], recheck_s=30.0, clock=clock)
+    s.sample_once()
+    assert probe.n == 0
+    assert s.health()["counting"] == Availability(False, "no such sensor")
+    clock.t += 10
+    s.sample_once()
+    assert probe.checks == 1  # not due yet
+    probe.available = True
+    clock.t += 30
+    snap = s.sample_once()
+    assert probe.checks == 2 and snap.readings["counting"]["n"] == 1
+
+
+def test_check_that_raises_is_reported() -> None:
+    class Raising(CountingProbe):
+        def check(self) -> Availability:
+            raise RuntimeError("boom")
+
+    s = Sampler([Raising()], clock=FakeClock())
+    s.sample_once()
+    assert "boom" in s.health()["counting"].reason
+
+
+def test_listener_exception_is_counted_not_fatal() -> None:
+    seen: list[Snapshot] = []
+
+    def bad(_: Snapshot) -> None:
+        raise ValueError("listener bug")
+
+    s = Sampler([CountingProbe()], clock=FakeClock())
+    s.add_listener(bad)
+    s.add_listener(seen.append)
+    s.sample_once()
+    s.sample_once()
+    assert len(seen) == 2
+    assert s.stats().listener_errors == 2
+    s.remove_listener(bad)
+    s.sample_once()
+    assert s.stats().listener_errors == 2
+
+
+def test_history_is_bounded_and_filtered() -> None:
+    clock = FakeClock(0.0)
+    s = Sampler([CountingProbe()], history_len=5, clock=clock)
+    for i in range(8):
+        clock.t = float(i)
+        s.sample_once()
+    assert [h.t_mono_s for h in s.history()] == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert [h.t_mono_s for h in s.history(5.5)] == [6.0, 7.0]
+
+
+def test_duplicate_probe_names_get_suffix() -> None:
+    s = Sampler([CountingProbe(), CountingProbe()], clock=FakeClock())
+    assert set(s.sample_once().readings) == {"counting", "counting#2"}
+
+
+def test_fast_is_nested_and_reference_counted() -> None:
+    s = Sampler([], interval_s=1.0)
+    assert s.interval_s == 1.0
+    with s.fast():
+        assert s.interval_s == 0.1
+        with s.fast(0.05):
+            assert s.interval_s == 0.05
+            with s.fast(0.2):
+                assert s.interval_s == 0.05
+        assert s.interval_s == 0.1
+    assert s.interval_s == 1.0
+
+
+def test_fast_restores_rate_after_exception() -> None:
+    s = Sampler([], interval_s=1.0)
+    with pytest.raises(RuntimeError), s.fast():
+        raise RuntimeError
+    assert s.interval_s == 1.0
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError):
+        Sampler([], interval_s=0)
+    with pytest.raises(ValueError), Sampler([]).fast(0):
+        pass
+
+
+# -- the thread -----------------------------------------------------------------------------
+
+
+def test_thread_samples_and_stops() -> None:
+    got = threading.Event()
+    snaps: list[Snapshot] = []
+
+    def listener(snap: Snapshot) -> None:
+        snaps.append(snap)
+        if len(snaps) >= 3:
+            got.set()
+
+    s = Sampler([CountingProbe()], interval_s=0.01)
+    s.add_listener(listener)
+    s.start()
+    s.start()  # idempotent
+    assert got.wait(10)
+    s.stop()
+    assert not s.running
+    n = len(snaps)
+    assert [x.seq for x in snaps[:3]] == [1, 2, 3]
+    assert s.stats().ticks == n
+
+
+def test_fast_wakes_a_slow_sampler() -> None:
+    got = threading.Event()
+    s = Sampler([CountingProbe()], interval_s=3600.0)
+    s.add_listener(lambda snap: got.set() if snap.seq >= 2 else None)
+    s.start()
+    try:
+        with s.fast(0.01):
+            assert got.wait(10)  # without the wake-up the second tick is an hour away
+    finally:
+        s.stop()
+    assert s.stats().skipped_ticks == 0
