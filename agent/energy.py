@@ -465,7 +465,7 @@ class EnergyIntegrator:
             t0_mono_s, t1_mono_s, settle_timeout_s=settle_timeout_s, with_baseline=False
         )
         if res.mean_power_mw is None or res.coverage is None:
-            logger.warning("idle baseline not measured: %s", res.reason)
+            logger.info("idle baseline not measured: %s", res.reason)
             return None
         self._baseline = IdleBaseline(
             power_mw=res.mean_power_mw,

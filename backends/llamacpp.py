@@ -272,6 +272,7 @@ class LlamaCppBackend(Backend):
             "quantization": file_type,
             "architecture": meta.get("general.architecture"),
             "context_tokens": int(llm.n_ctx()) if llm is not None else None,
+            "vocab_size": int(llm.n_vocab()) if llm is not None else None,
             "model_context_tokens": _int_or_none(
                 meta.get(f"{meta.get('general.architecture', 'llama')}.context_length")
             ),

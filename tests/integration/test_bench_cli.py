@@ -77,3 +77,77 @@ def test_infer_streams_to_stdout() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "completion tokens" in proc.stderr and "TTFT" in proc.stderr
+
+
+def test_bench_quality_estimate_energy_and_paper_metrics(tmp_path: Path) -> None:
+    out = tmp_path / "rec.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--max-tokens", "8", "--runs", "2", "--warmup", "0", "--threads", "2",
+        "--quality", "gsm8k", "--limit", "2", "--quality-max-tokens", "48",
+        "--power-idle-mw", "3000", "--power-max-mw", "9000", "--baseline-s", "0.5",
+        "--json", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    validate(record, "bench.json")
+    assert json.loads(out.read_text()) == record
+    q = record["quality"]
+    assert q["task"] == "gsm8k" and q["n"] == 2 and len(q["items"]) == 2
+    assert q["pass_at_1"] == q["correct"] / 2
+    from agent.quality import select_items
+
+    assert [it["index"] for it in q["items"]] == [i.index for i in select_items(limit=2)]
+    for run in record["runs"]:
+        total = run["energy"]["total"]
+        assert total["estimated"] is True and total["sources"] == ["estimate:cpu_util"]
+        assert run["energy_mj"] is not None and run["energy_mj"] > 0
+        # an estimate between idle and max power, over the request window
+        assert 3000 <= run["power_mw"] <= 9000
+        assert run["mj_per_token"] == pytest.approx(run["energy_mj"] / run["completion_tokens"])
+    p = record["paper"]
+    assert p["q"] == q["pass_at_1"]
+    assert 0 < p["r"] <= 1 and p["u"] == pytest.approx(0.5 * p["q"] + 0.5 * p["r"])
+    assert p["cpr_cents"] == pytest.approx(p["energy_per_response_mj"] / 3.6e9 * 0.25 * 100)
+    assert p["pcr"] == pytest.approx(p["u"] / p["cpr_cents"])
+    assert p["energy_sources"] == ["estimate:cpu_util"]
+
+
+def test_bench_without_power_source_says_why() -> None:
+    result = CliRunner().invoke(main, ["bench", "--max-tokens", "4", "--runs", "1",
+                                       "--warmup", "0", "--threads", "2", "--baseline-s", "0",
+                                       "--probe-root", "tests/fixtures/sysfs/empty", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    run = record["runs"][0]
+    assert run["energy_mj"] is None  # never 0
+    assert "no power source" in run["energy"]["total"]["reason"]
+    assert record["paper"]["cpr_cents"] is None and record["paper"]["pcr"] is None
+    assert any("energy not measured" in r for r in record["paper"]["reasons"])
+
+
+def test_bench_csv_jsonl_and_synthetic_prompt() -> None:
+    res = CliRunner().invoke(main, ["bench", "--prompt-tokens", "40", "--max-tokens", "4",
+                                    "--ignore-eos", "--runs", "2", "--warmup", "0",
+                                    "--threads", "2", "--baseline-s", "0", "--csv"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("backend,model,run,valid")
+    assert len(lines) == 3
+    assert all(",40,4," in line for line in lines[1:])  # prompt_tokens, completion_tokens
+    res = CliRunner().invoke(main, ["bench", "--max-tokens", "4", "--runs", "2", "--warmup",
+                                    "0", "--threads", "2", "--baseline-s", "0", "--jsonl"])
+    rows = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    assert [r["run"] for r in rows] == [0, 1]
+    assert all(r["schema"] == "edgelm.bench.run/1" for r in rows)
+
+
+def test_bench_compare_prints_table_one() -> None:
+    res = CliRunner().invoke(main, [
+        "bench", "--max-tokens", "4", "--runs", "1", "--warmup", "0", "--threads", "1",
+        "--baseline-s", "0", "--power-idle-mw", "2000", "--power-max-mw", "6000",
+        "compare", "--config", "llamacpp:smollm2-135m", "--config", "nosuch:smollm2-135m",
+    ])
+    assert res.exit_code == 0, res.output
+    assert "CPR ¢" in res.output and "PCR" in res.output
+    assert "llamacpp:smollm2-135m" in res.output
+    assert "nosuch:smollm2-135m: FAILED unknown_backend" in res.output
