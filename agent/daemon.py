@@ -1,15 +1,31 @@
-"""The device daemon: probes → telemetry, MQTT requests → the inference worker → replies.
+"""The device daemon: probes → telemetry, MQTT requests → admission → workers → the outbox.
 
-Threads (the single concurrency model of the daemon):
+Protocol rules embodied here (DESIGN.md §4 and §7, issue 5):
 
-- main thread: signal handling and the supervision loop (later: the systemd watchdog);
-- paho's network thread: MQTT I/O; its callbacks only validate and enqueue;
-- the sampler thread: probe readings, handed to the telemetry publisher;
-- one executor thread per loaded model: runs generations one at a time in the worker
-  process and publishes chunks and the final result.
+- every final result, error result, bench record and command result is committed to the
+  **outbox** (:mod:`agent.outbox`) before it is published, so a broker outage during a stream
+  loses no result; stream chunks are live only (published while connected, counted when
+  dropped offline) because the final result carries the whole text;
+- requests pass **admission** (:mod:`agent.admission`): drain state, idempotency (a retried id
+  is never run twice), a per-client sliding-window rate limit, then a bounded queue served by
+  ``concurrency`` executors, each owning one worker process; a full queue answers
+  ``overloaded`` at once;
+- each final result carries ``energy`` from the :class:`agent.energy.EnergyIntegrator` over
+  the execution window (the sampler runs at ``fast_interval_s`` meanwhile), with None values
+  and a reason when nothing measures power, never 0;
+- the retained ``status`` is re-published once per **health change** (probe degraded or
+  recovered, worker restarted or died, drain toggled), never per sample;
+- prompts and generated text are never logged unless ``log_content`` is set.
 
-Nothing a client sends can stop the daemon: every request failure becomes a structured error
-result (when the request can be answered at all) and a counter.
+Threads (the single concurrency model of the daemon: threads around paho's loop):
+
+- main thread: signal handling, the supervision loop, the systemd watchdog (fed from this
+  loop, so a hang stops the pings), health-change detection, idle-baseline measurement;
+- ``edgelm-mqtt``: the MQTT network thread (:mod:`agent.mqtt`); callbacks only validate and
+  enqueue, never block;
+- ``edgelm-outbox``: the outbox drainer; ``edgelm-sampler``: probes;
+- ``edgelm-executor-N``: one per worker process, runs generations and publishes chunks;
+- short-lived ``edgelm-cmd`` threads for ``cmd/reload`` and ``cmd/bench``.
 """
 
 from __future__ import annotations
@@ -27,18 +43,24 @@ from pathlib import Path
 from typing import Any
 
 import agent
+from agent.admission import AdmissionConfig, IdempotencyCache, SlidingWindowRateLimiter
+from agent.energy import EnergyIntegrator, EnergyResult
 from agent.errors import PublishError, RequestError
-from agent.generation import run_generation
+from agent.generation import GenerationResult, run_generation
 from agent.identity import hardware_identity
 from agent.models import ResolvedModel
 from agent.mqtt import BrokerConfig, MqttLink, reply_properties
+from agent.outbox import OutboxConfig, OutboxDrainer, OutboxQueue
+from agent.prometheus import Histogram, PrometheusServer, flatten_numeric, render_gauges
 from agent.protocol import (
     CHUNK_SCHEMA,
+    CMD_RESULT_SCHEMA,
     RESULT_SCHEMA,
     STATUS_SCHEMA,
     TELEMETRY_SCHEMA,
     InferRequest,
     Topics,
+    parse_command,
     parse_request,
     peek_request_id,
 )
@@ -57,18 +79,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """Everything the daemon needs; built by the CLI from flags (and later the config file).
+    """Everything the daemon needs; built by the CLI from the config file, env and flags.
 
     Attributes:
         broker: Broker connection settings.
         fleet / device: Topic segments (validated by :func:`agent.protocol.validate_segment`).
-        state_dir: Where the sequence counter (and later the outbox) live.
+        state_dir: Where the sequence counter and the outbox live.
         backend / model / threads / threads_how / context_tokens: The model to serve.
         telemetry_interval_s: Telemetry publish period.
         probe_root: Filesystem root for probes.
         probe_names: Probes to enable (None: every registered one that is available).
-        queue_size: Requests waiting beyond the one running; more get ``overloaded``.
-        max_payload_bytes: Larger request payloads get ``too_large``.
+        admission: Queue, concurrency, payload limit, rate limit, idempotency.
+        outbox: Outbox bounds and pacing.
+        telemetry_via_outbox: Queue telemetry in the outbox too (QoS 1, survives outages).
+        fast_interval_s: Sampling interval during a generation (energy resolution).
+        energy_min_coverage: Smallest window coverage for which energy is reported.
+        baseline_window_s / baseline_every_s: Idle-baseline window and refresh period.
+        log_content: Log prompts and outputs (off: never written to logs).
+        prometheus_listen: ``host:port`` of the Prometheus endpoint; None: off.
         shutdown_grace_s: How long an in-flight generation may run on after SIGTERM.
     """
 
@@ -84,16 +112,28 @@ class DaemonConfig:
     telemetry_interval_s: float = 1.0
     probe_root: str = "/"
     probe_names: tuple[str, ...] | None = None
-    queue_size: int = 16
-    max_payload_bytes: int = 256 * 1024
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    telemetry_via_outbox: bool = False
+    fast_interval_s: float = 0.1
+    energy_min_coverage: float = 0.9
+    baseline_window_s: float = 10.0
+    baseline_every_s: float = 600.0
+    log_content: bool = False
+    prometheus_listen: str | None = None
     shutdown_grace_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class _Reply:
+    topic: str
+    correlation: bytes | None
 
 
 @dataclass
 class _Job:
     request: InferRequest
-    reply_topic: str
-    correlation: bytes | None
+    reply: _Reply
     accepted_ns: int
     deadline_mono: float | None
 
@@ -107,6 +147,9 @@ class Counters:
     errors: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
     dropped_unanswerable: int = 0
     duplicates: int = 0
+    rate_limited: int = 0
+    chunks_dropped_offline: int = 0
+    commands: int = 0
 
 
 class AgentDaemon:
@@ -119,20 +162,20 @@ class AgentDaemon:
         self._seq = SequenceCounter(config.state_dir / "seq")
         self._stop = threading.Event()
         self._draining = threading.Event()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
-        self._inflight: _Job | None = None
+        adm = config.admission
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max(1, adm.queue_size))
+        self._inflight: dict[int, _Job] = {}
         self._cancel_inflight = threading.Event()
         self.counters = Counters()
-        self._recent_lock = threading.Lock()
-        # request id → final result payload (None while queued/running); bounded LRU
-        self._recent: collections.OrderedDict[str, bytes | None] = collections.OrderedDict()
+        self._idem = IdempotencyCache(adm.idempotency_ttl_s, adm.idempotency_max_entries)
+        self._limiter = SlidingWindowRateLimiter(adm.rate_limit, adm.rate_window_s)
         self._hardware = hardware_identity(config.probe_root)
-        self._worker = InferenceWorker(WorkerConfig(
-            backend=config.backend,
-            model=ModelSpec(config.model.name, config.model.path, config.model.format,
-                            config.model.sha256),
-            options=BackendOptions(threads=config.threads, context_tokens=config.context_tokens),
-        ))
+        spec = ModelSpec(config.model.name, config.model.path, config.model.format,
+                         config.model.sha256)
+        options = BackendOptions(threads=config.threads, context_tokens=config.context_tokens)
+        self._workers = [InferenceWorker(WorkerConfig(backend=config.backend, model=spec,
+                                                      options=options))
+                         for _ in range(adm.concurrency)]
         self._probes: list[Probe] = create_probes(
             list(config.probe_names) if config.probe_names else None, config.probe_root
         )
@@ -140,20 +183,40 @@ class AgentDaemon:
             (p for p in self._probes if isinstance(p, ProcessProbe)), None
         )
         self._sampler = Sampler(self._probes, interval_s=config.telemetry_interval_s)
+        self._energy = EnergyIntegrator(self._sampler, min_coverage=config.energy_min_coverage)
         self._last_telemetry_mono = 0.0
+        self._last_telemetry: dict[str, Any] | None = None
+        self._last_activity_mono = time.monotonic()
+        self._last_baseline_mono: float | None = None
+        self._health_key: Any = None
+        self._cmd_lock = threading.Lock()
+        self._hist = {
+            "ttft_ms": Histogram("edgelm_ttft_ms", "Time to first token, ms (DESIGN.md §5)"),
+            "itl_ms": Histogram("edgelm_itl_ms", "Mean inter-token latency per request, ms",
+                                (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)),
+            "e2e_ms": Histogram("edgelm_e2e_ms", "Request accepted to last token, ms"),
+        }
+        self.outbox = OutboxQueue(config.state_dir / "outbox.sqlite3", config.outbox)
+        subs = [(self.topics.request, 1), (f"{self.topics.prefix}/cmd/+", 1)]
+        if config.broker.protocol == 5:
+            subs.append((f"$share/edgelm-{config.fleet}/{self.topics.fleet_request}", 1))
         self._link = MqttLink(
             config.broker,
             client_id=f"edgelm-{config.fleet}-{config.device}",
             will=(self.topics.status, self._status_payload("offline", reason="lwt")),
-            subscriptions=[
-                (self.topics.request, 1),
-                (f"$share/edgelm-{config.fleet}/{self.topics.fleet_request}", 1),
-            ] if config.broker.protocol == 5 else [(self.topics.request, 1)],
+            subscriptions=subs,
             on_message=self._on_message,
             on_connect=self._on_connect,
+            on_publish=self._on_publish,
         )
-        self._executor = threading.Thread(target=self._execute_loop, name="edgelm-executor",
-                                          daemon=True)
+        self._drainer = OutboxDrainer(self.outbox, self._link)
+        self._executors = [
+            threading.Thread(target=self._execute_loop, args=(i,), name=f"edgelm-executor-{i}",
+                             daemon=True)
+            for i in range(len(self._workers))
+        ]
+        self._prometheus = (PrometheusServer(config.prometheus_listen, self.render_metrics)
+                            if config.prometheus_listen else None)
 
     # ------------------------------------------------------------------ envelopes
 
@@ -164,8 +227,13 @@ class AgentDaemon:
     def _encode(self, obj: dict[str, Any]) -> bytes:
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
+    def _worker_summary(self) -> dict[str, Any]:
+        first = self._workers[0]
+        failures = [w.last_failure for w in self._workers if w.last_failure]
+        return {"pid": first.pid, "restarts": sum(w.restarts for w in self._workers),
+                "last_failure": failures[-1] if failures else None}
+
     def _status_payload(self, state: str, reason: str | None = None) -> bytes:
-        worker = self._worker
         backends, errors = backend_classes()
         return self._encode(self._envelope(
             STATUS_SCHEMA,
@@ -182,13 +250,16 @@ class AgentDaemon:
                 "format": self.config.model.format,
                 "sha256": self.config.model.sha256,
                 "backend": self.config.backend,
-                "loaded": worker.alive(),
+                "loaded": any(w.alive() for w in self._workers),
                 "context_tokens": self.config.context_tokens,
                 "threads": self.config.threads,
+                "concurrency": len(self._workers),
             }],
             probes={name: _avail_dict(a) for name, a in self._probe_health().items()},
-            worker={"pid": worker.pid, "restarts": worker.restarts,
-                    "last_failure": worker.last_failure},
+            worker=self._worker_summary(),
+            workers=[{"pid": w.pid, "restarts": w.restarts, "last_failure": w.last_failure}
+                     for w in self._workers],
+            draining=self._draining.is_set(),
         ))
 
     def _probe_health(self) -> dict[str, Any]:
@@ -197,73 +268,210 @@ class AgentDaemon:
         except AttributeError:  # during construction, before the sampler exists
             return {p.name: p.check() for p in self._probes}
 
+    def _health_fingerprint(self) -> Any:
+        probes = tuple(sorted((k, a.ok, bool(getattr(a, "degraded", False)))
+                              for k, a in self._sampler.health().items()))
+        workers = tuple((w.restarts, w.alive()) for w in self._workers)
+        return probes, workers, self._draining.is_set()
+
+    def publish_status(self, reason: str | None = None) -> None:
+        """Publish the retained ``online`` status now (if connected; reconnects re-announce)."""
+        if not self._link.is_connected():
+            return
+        try:
+            self._link.publish(self.topics.status, self._status_payload("online", reason),
+                               qos=1, retain=True)
+        except PublishError as exc:
+            logger.warning("status not published: %s", exc)
+
     # ------------------------------------------------------------------ MQTT callbacks
 
     def _on_connect(self) -> None:
-        self._link.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
+        self._health_key = self._health_fingerprint()
+        self.publish_status()
+        self._drainer.wake()
+
+    def _on_publish(self) -> None:
+        self._drainer.wake()
 
     def _on_message(self, msg: Any) -> None:
-        """Validate and enqueue; runs on paho's thread, so it never blocks."""
-        accepted_ns = time.monotonic_ns()
-        self.counters.received += 1
+        """Dispatch: commands, else inference requests. Runs on the network thread."""
+        if msg.topic.startswith(f"{self.topics.prefix}/cmd/"):
+            self._on_command(msg)
+        else:
+            self._on_request(msg)
+
+    def _reply_of(self, msg: Any, request_id: str | None, fallback: str | None) -> _Reply | None:
         props = getattr(msg, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        topic = response_topic or fallback
+        return _Reply(topic, correlation) if topic else None
+
+    def _on_request(self, msg: Any) -> None:
+        """Validate, admit and enqueue; never blocks."""
+        accepted_ns = time.monotonic_ns()
+        self.counters.received += 1
         payload: bytes = msg.payload
+        adm = self.config.admission
         try:
-            if self._draining.is_set() or self._stop.is_set():
-                raise RequestError("overloaded", "the agent is draining or shutting down",
-                                   peek_request_id(payload), {"retryable": True})
-            request = parse_request(payload, self.config.max_payload_bytes)
+            if self._stop.is_set():
+                raise RequestError("overloaded", "the agent is shutting down",
+                                   peek_request_id(payload, adm.max_payload_bytes),
+                                   {"retryable": True, "reason": "shutting_down"})
+            if self._draining.is_set():
+                raise RequestError("overloaded", "the agent is draining (cmd/drain)",
+                                   peek_request_id(payload, adm.max_payload_bytes),
+                                   {"retryable": True, "reason": "draining"})
+            request = parse_request(payload, adm.max_payload_bytes)
         except RequestError as exc:
-            rid = exc.request_id or peek_request_id(payload)
-            topic = response_topic or (self.topics.response(rid) if rid else None)
+            rid = exc.request_id or peek_request_id(payload, adm.max_payload_bytes)
+            reply = self._reply_of(msg, rid, self.topics.response(rid) if rid else None)
             self.counters.errors[exc.code] += 1
-            if topic is None:
+            if reply is None:
                 self.counters.dropped_unanswerable += 1
                 logger.warning("dropped an unanswerable request on %s: %s", msg.topic, exc.message)
                 return
-            self._publish_error(topic, correlation, rid, exc.code, exc.message, exc.details)
+            self._send_error(reply, rid, exc.code, exc.message, exc.details)
             return
-        reply_topic = response_topic or self.topics.response(request.id)
-        with self._recent_lock:
-            if request.id in self._recent:
-                self.counters.duplicates += 1
-                done = self._recent[request.id]
-                if done is not None:  # already answered: answer again, do not run again
-                    self._link.publish(reply_topic, done, qos=1,
-                                       properties=reply_properties(correlation))
-                return
-            self._recent[request.id] = None
-            while len(self._recent) > 10_000:
-                self._recent.popitem(last=False)
-        deadline = (time.monotonic() + request.deadline_ms / 1000.0
-                    if request.deadline_ms else None)
-        job = _Job(request, reply_topic, correlation, accepted_ns, deadline)
+        reply = self._reply_of(msg, request.id, self.topics.response(request.id))
+        assert reply is not None
+        if self.config.log_content:
+            logger.info("request %s: %s", request.id,
+                        request.prompt if request.prompt is not None else request.messages)
+        state, done = self._idem.claim(request.id, reply)
+        if state != IdempotencyCache.NEW:
+            self.counters.duplicates += 1
+            if done is not None:  # already answered: answer again (same seq), do not run again
+                self._send(reply, done, kind="result")
+            return
+        client = request.client_id or reply.topic
+        allowed, retry_after_s = self._limiter.allow(client)
+        if not allowed:
+            self.counters.rate_limited += 1
+            self._refuse(request.id, reply, "rate limit exceeded for this client",
+                         {"retryable": True, "reason": "rate_limited",
+                          "retry_after_ms": int(retry_after_s * 1000) + 1,
+                          "limit": adm.rate_limit, "window_s": adm.rate_window_s})
+            return
+        deadline_ms = request.deadline_ms or adm.default_deadline_ms or None
+        deadline = (time.monotonic() + deadline_ms / 1000.0) if deadline_ms else None
+        job = _Job(request, reply, accepted_ns, deadline)
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
-            with self._recent_lock:
-                self._recent.pop(request.id, None)
-            self.counters.errors["overloaded"] += 1
-            self._publish_error(reply_topic, correlation, request.id, "overloaded",
-                                f"queue full ({self.config.queue_size} waiting)",
-                                {"retryable": True, "queue_size": self.config.queue_size})
+            self._refuse(request.id, reply, f"queue full ({adm.queue_size} waiting)",
+                         {"retryable": True, "reason": "queue_full",
+                          "queue_size": adm.queue_size})
+
+    def _refuse(self, rid: str, reply: _Reply, message: str, details: dict[str, Any]) -> None:
+        """Answer ``overloaded`` to a request that was claimed but will not run."""
+        waiters = self._idem.forget(rid)
+        self.counters.errors["overloaded"] += 1
+        payload = self._send_error(reply, rid, "overloaded", message, details)
+        for w in waiters:
+            self._send(w, payload, kind="result")
+
+    def _on_command(self, msg: Any) -> None:
+        name = msg.topic.rsplit("/", 1)[1]
+        self.counters.commands += 1
+        fallback = f"{self.topics.prefix}/cmd/{name}/result"
+        try:
+            cmd = parse_command(name, msg.payload)
+        except RequestError as exc:
+            reply = self._reply_of(msg, None, fallback)
+            assert reply is not None
+            self._send_cmd_result(reply, name, exc.request_id, "error",
+                                  error={"code": exc.code, "message": exc.message})
+            return
+        reply = self._reply_of(msg, cmd.get("id"), fallback)
+        assert reply is not None
+        logger.info("operator command %s", name)
+        if name == "drain":
+            if cmd.get("resume"):
+                self._draining.clear()
+            else:
+                self._draining.set()
+            self._send_cmd_result(reply, name, cmd.get("id"), "ok",
+                                  details={"draining": self._draining.is_set(),
+                                           "queued": self._jobs.qsize(),
+                                           "inflight": len(self._inflight)})
+            return
+        if not self._cmd_lock.acquire(blocking=False):
+            self._send_cmd_result(reply, name, cmd.get("id"), "error",
+                                  error={"code": "busy",
+                                         "message": "another reload or bench is running"})
+            return
+        target = self._do_reload if name == "reload" else self._do_bench
+        threading.Thread(target=self._run_command, args=(target, reply, name, cmd),
+                         name="edgelm-cmd", daemon=True).start()
+
+    def _run_command(self, target: Any, reply: _Reply, name: str, cmd: dict[str, Any]) -> None:
+        try:
+            details = target(cmd)
+            self._send_cmd_result(reply, name, cmd.get("id"), "ok", details=details)
+        except Exception as exc:
+            logger.exception("command %s failed", name)
+            self._send_cmd_result(reply, name, cmd.get("id"), "error",
+                                  error={"code": "failed", "message": f"{exc}"})
+        finally:
+            self._cmd_lock.release()
+
+    def _do_reload(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Restart every worker (each after its in-flight generation), re-reading the model."""
+        t0 = time.monotonic()
+        for w in self._workers:
+            w.stop(timeout_s=5.0)  # waits for the worker's current generation (its lock)
+            try:
+                w.start()
+            except BackendError as exc:
+                logger.error("reload: model failed to load: %s", exc.message)
+        self._set_worker_pids()
+        self.publish_status(reason="reloaded")
+        return {"reload_ms": (time.monotonic() - t0) * 1000.0,
+                "loaded": all(w.alive() for w in self._workers)}
+
+    def _do_bench(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Run the bench engine (the same as ``agentctl bench``) and queue its record."""
+        from agent.bench import BenchConfig, run_bench
+
+        record = run_bench(BenchConfig(
+            backend=self.config.backend, model=self.config.model, threads=self.config.threads,
+            threads_how=self.config.threads_how, max_tokens=int(cmd.get("max_tokens", 32)),
+            ignore_eos=bool(cmd.get("ignore_eos", True)), runs=int(cmd.get("runs", 3)),
+            warmup=int(cmd.get("warmup", 1)), context_tokens=self.config.context_tokens,
+        ))
+        record.update(device=self.config.device, fleet=self.config.fleet,
+                      seq=self._seq.next(), request_id=cmd.get("id"))
+        if not self.config.log_content:
+            for run in [*record.get("runs", []), record.get("cold") or {}]:
+                run.pop("text", None)
+        self.outbox.put(self.topics.bench_result, self._encode(record), kind="bench")
+        return {"topic": self.topics.bench_result, "seq": record["seq"]}
 
     # ------------------------------------------------------------------ replies
 
-    def _publish_error(self, topic: str, correlation: bytes | None, rid: str | None, code: str,
-                       message: str, details: dict[str, Any] | None = None) -> bytes:
+    def _send(self, reply: _Reply, payload: bytes, kind: str) -> None:
+        """Commit a message to the outbox (published in order, at least once)."""
+        self.outbox.put(reply.topic, payload, kind=kind, correlation=reply.correlation)
+
+    def _send_error(self, reply: _Reply, rid: str | None, code: str, message: str,
+                    details: dict[str, Any] | None = None) -> bytes:
         payload = self._encode(self._envelope(
             RESULT_SCHEMA, id=rid, status="error", text=None, finish_reason="error",
             usage=None, timings=None, energy=None, served_by=self._served_by(),
             error={"code": code, "message": message, "details": details or {}},
         ))
-        try:
-            self._link.publish(topic, payload, qos=1, properties=reply_properties(correlation))
-        except PublishError:
-            logger.exception("could not publish an error result")
+        self._send(reply, payload, kind="result")
         return payload
+
+    def _send_cmd_result(self, reply: _Reply, name: str, cid: str | None, status: str,
+                         details: dict[str, Any] | None = None,
+                         error: dict[str, Any] | None = None) -> None:
+        payload = self._encode(self._envelope(
+            CMD_RESULT_SCHEMA, id=cid, command=name, status=status, details=details or {},
+            error=error))
+        self._send(reply, payload, kind="cmd")
 
     def _served_by(self) -> dict[str, Any]:
         return {"device": self.config.device, "fleet": self.config.fleet,
@@ -272,43 +480,45 @@ class AgentDaemon:
 
     # ------------------------------------------------------------------ execution
 
-    def _execute_loop(self) -> None:
+    def _execute_loop(self, index: int) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            self._inflight = job
+            self._inflight[index] = job
+            self._last_activity_mono = time.monotonic()
             try:
-                final = self._execute(job)
+                final = self._execute(job, self._workers[index])
             except Exception as exc:  # the executor must survive anything a request causes
                 logger.exception("request %s failed unexpectedly", job.request.id)
-                final = self._publish_error(job.reply_topic, job.correlation, job.request.id,
-                                            "backend_failed", f"internal error: {exc}")
+                final = self._send_error(job.reply, job.request.id, "backend_failed",
+                                         f"internal error: {type(exc).__name__}")
             finally:
-                self._inflight = None
-            with self._recent_lock:
-                if job.request.id in self._recent:
-                    self._recent[job.request.id] = final
+                self._inflight.pop(index, None)
+                self._last_activity_mono = time.monotonic()
+            for waiter in self._idem.complete(job.request.id, final):
+                self._send(waiter, final, kind="result")
 
-    def _execute(self, job: _Job) -> bytes:
+    def _fail(self, job: _Job, code: str, message: str,
+              details: dict[str, Any] | None = None) -> bytes:
+        self.counters.errors[code] += 1
+        return self._send_error(job.reply, job.request.id, code, message, details)
+
+    def _execute(self, job: _Job, worker: InferenceWorker) -> bytes:
         req = job.request
         if req.model is not None and req.model not in (self.config.model.name,
                                                        self.config.model.sha256):
-            self.counters.errors["unknown_model"] += 1
-            return self._publish_error(job.reply_topic, job.correlation, req.id, "unknown_model",
-                                       f"this device serves {self.config.model.name!r}, "
-                                       f"not {req.model!r}",
-                                       {"available": [self.config.model.name]})
+            return self._fail(job, "unknown_model", f"this device serves "
+                              f"{self.config.model.name!r}, not {req.model!r}",
+                              {"available": [self.config.model.name]})
         if job.deadline_mono is not None and time.monotonic() >= job.deadline_mono:
-            self.counters.errors["deadline_exceeded"] += 1
-            return self._publish_error(job.reply_topic, job.correlation, req.id,
-                                       "deadline_exceeded", "the deadline passed while queued")
+            return self._fail(job, "deadline_exceeded", "the deadline passed while queued")
         gen = GenerationRequest(
             max_tokens=req.max_tokens, messages=req.messages, prompt=req.prompt,
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
             ignore_eos=req.ignore_eos, stop=req.stop,
         )
-        props = reply_properties(job.correlation)
+        props = reply_properties(job.reply.correlation)
         index = 0
 
         def on_event(event: TokenEvent) -> None:
@@ -317,21 +527,30 @@ class AgentDaemon:
                 raise BackendError("backend_failed", "the agent is shutting down",
                                    {"retryable": True})
             if req.stream and event.text and not event.final:
-                self._link.publish(job.reply_topic, self._encode(self._envelope(
-                    CHUNK_SCHEMA, id=req.id, index=index, delta=event.text,
-                    tokens=len(event.token_ids),
-                )), qos=1, properties=props)
+                if self._link.is_connected():
+                    try:
+                        self._link.publish(job.reply.topic, self._encode(self._envelope(
+                            CHUNK_SCHEMA, id=req.id, index=index, delta=event.text,
+                            tokens=len(event.token_ids),
+                        )), qos=1, properties=props)
+                    except PublishError:
+                        self.counters.chunks_dropped_offline += 1
+                else:  # live view only: the final result (outbox) carries the whole text
+                    self.counters.chunks_dropped_offline += 1
                 index += 1
 
         try:
-            with self._sampler.fast(0.1):
-                result = run_generation(self._worker, gen, accepted_ns=job.accepted_ns,
+            with self._sampler.fast(self.config.fast_interval_s):
+                result = run_generation(worker, gen, accepted_ns=job.accepted_ns,
                                         deadline_mono=job.deadline_mono, on_event=on_event)
+                energy = self._request_energy(result)
         except BackendError as exc:
-            self.counters.errors[exc.code] += 1
-            return self._publish_error(job.reply_topic, job.correlation, req.id, exc.code,
-                                       exc.message, exc.details)
+            return self._fail(job, exc.code, exc.message, exc.details)
         t = result.timings
+        for key in ("ttft_ms", "itl_ms", "e2e_ms"):
+            self._hist[key].observe(getattr(t, key))
+        if self.config.log_content:
+            logger.info("result %s: %r", req.id, result.text)
         payload = self._encode(self._envelope(
             RESULT_SCHEMA, id=req.id, status="ok", text=result.text,
             finish_reason=result.finish_reason,
@@ -341,61 +560,145 @@ class AgentDaemon:
             timings={"queue_ms": t.queue_ms, "ttft_ms": t.ttft_ms,
                      "prefill_tok_s": t.prefill_tok_s, "decode_tok_s": t.decode_tok_s,
                      "itl_ms": t.itl_ms, "tpot_ms": t.tpot_ms, "e2e_ms": t.e2e_ms},
-            energy=None,
+            energy=energy,
             served_by=self._served_by(), chunks=index, error=None,
         ))
-        self._link.publish(job.reply_topic, payload, qos=1, properties=props)
+        self._send(job.reply, payload, kind="result")
         self.counters.completed += 1
         return payload
 
+    def _request_energy(self, result: GenerationResult) -> dict[str, Any]:
+        """Energy of the execution window, split prefill/decode (DESIGN.md §5)."""
+        t0 = result.started_ns / 1e9
+        t1 = result.end_ns / 1e9
+        latest = self._sampler.latest()
+        # Wait for the sample that closes the window only when there is power to integrate.
+        settle = 3 * self.config.fast_interval_s if latest is not None and latest.power else 0.0
+        total = self._energy.measure(t0, t1, tokens=result.completion_tokens or None,
+                                     settle_timeout_s=settle)
+        out = energy_fields(total)
+        first = result.first_token_ns
+        if first is not None:
+            pre0 = (result.prefill_start_ns or result.started_ns) / 1e9
+            out["prefill"] = _phase(self._energy.measure(pre0, first / 1e9))
+            last = result.last_token_ns
+            if last is not None and last > first:
+                out["decode"] = _phase(self._energy.measure(
+                    first / 1e9, last / 1e9, tokens=max(1, result.completion_tokens - 1)))
+        return out
+
     # ------------------------------------------------------------------ telemetry
 
-    def _on_snapshot(self, snap: Snapshot) -> None:
-        if snap.t_mono_s - self._last_telemetry_mono < self.config.telemetry_interval_s * 0.95:
-            return  # the sampler runs faster inside inference windows; telemetry stays at 1 Hz
-        self._last_telemetry_mono = snap.t_mono_s
-        if not self._link.is_connected():
-            return  # telemetry is a live view; results are what must not be lost
-        payload = self._envelope(
+    def _telemetry(self, snap: Snapshot) -> dict[str, Any]:
+        return self._envelope(
             TELEMETRY_SCHEMA,
             probes=snap.readings,
             power=[readings_as_dict(p) for p in snap.power],
             errors=snap.errors,
             queue_depth=self._jobs.qsize(),
-            inflight=1 if self._inflight is not None else 0,
+            inflight=len(self._inflight),
             requests={"received": self.counters.received, "completed": self.counters.completed,
                       "errors": dict(self.counters.errors),
                       "dropped_unanswerable": self.counters.dropped_unanswerable,
-                      "duplicates": self.counters.duplicates},
-            worker={"pid": self._worker.pid, "restarts": self._worker.restarts},
+                      "duplicates": self.counters.duplicates,
+                      "rate_limited": self.counters.rate_limited,
+                      "chunks_dropped_offline": self.counters.chunks_dropped_offline},
+            worker={"pid": self._workers[0].pid,
+                    "restarts": sum(w.restarts for w in self._workers)},
+            outbox=self.outbox.stats().as_dict(),
+            mqtt={"connected": self._link.is_connected(), "connects": self._link.connects,
+                  "connect_failures": self._link.connect_failures,
+                  "publish_denied": self._link.publish_denied},
+            draining=self._draining.is_set(),
         )
+
+    def _on_snapshot(self, snap: Snapshot) -> None:
+        if snap.t_mono_s - self._last_telemetry_mono < self.config.telemetry_interval_s * 0.95:
+            return  # the sampler runs faster inside inference windows; telemetry stays at 1 Hz
+        self._last_telemetry_mono = snap.t_mono_s
+        if not self.config.telemetry_via_outbox and not self._link.is_connected():
+            if self._prometheus is not None:
+                self._last_telemetry = self._telemetry(snap)
+            return  # a live view; results are what must not be lost
+        body = self._telemetry(snap)
+        self._last_telemetry = body
+        payload = self._encode(body)
+        if self.config.telemetry_via_outbox:
+            self.outbox.put(self.topics.telemetry, payload, kind="telemetry")
+            return
         try:
-            self._link.publish(self.topics.telemetry, self._encode(payload), qos=0)
+            self._link.publish(self.topics.telemetry, payload, qos=0)
         except PublishError as exc:
             logger.debug("telemetry not published: %s", exc)
 
+    # ------------------------------------------------------------------ Prometheus
+
+    def render_metrics(self) -> str:
+        """The Prometheus exposition text: telemetry gauges and latency histograms."""
+        tele = self._last_telemetry or {}
+        samples = list(flatten_numeric("edgelm", tele.get("probes", {})))
+        for key in ("requests", "outbox", "mqtt", "worker"):
+            samples += flatten_numeric(f"edgelm_{key}", tele.get(key, {}))
+        samples += flatten_numeric("edgelm_power_mw",
+                                   [{"source": p.get("source"), "v": p.get("power_mw")}
+                                    for p in tele.get("power", [])])
+        samples += [("edgelm_queue_depth", {}, float(self._jobs.qsize())),
+                    ("edgelm_inflight", {}, float(len(self._inflight))),
+                    ("edgelm_up", {}, 1.0)]
+        lines = render_gauges((n.removesuffix("_v"), lab, v) for n, lab, v in samples)
+        for hist in self._hist.values():
+            lines += hist.render()
+        return "\n".join(lines) + "\n"
+
     # ------------------------------------------------------------------ lifecycle
 
+    def _set_worker_pids(self) -> None:
+        if self._process_probe is None:
+            return
+        for i, w in enumerate(self._workers):
+            self._process_probe.set_pid("worker" if i == 0 else f"worker{i + 1}", w.pid)
+
     def start(self) -> None:
-        """Load the model, start sampling and connect. Returns once the model is loaded.
+        """Load the model(s), start sampling, the outbox and MQTT. Returns once loaded.
 
         A model that fails to load is reported in ``status`` and retried on the next request;
         it does not stop the daemon.
         """
-        try:
-            self._worker.start()
-        except BackendError as exc:
-            logger.error("model failed to load: %s: %s", exc.code, exc.message)
-        if self._process_probe is not None:
-            self._process_probe.set_pid("worker", self._worker.pid)
+        for w in self._workers:
+            try:
+                w.start()
+            except BackendError as exc:
+                logger.error("model failed to load: %s: %s", exc.code, exc.message)
+        self._set_worker_pids()
         self._sampler.add_listener(self._on_snapshot)
         self._sampler.start()
-        self._executor.start()
+        for t in self._executors:
+            t.start()
+        self._drainer.start()
+        if self._prometheus is not None:
+            self._prometheus.start()
         self._link.start()
 
     def request_stop(self) -> None:
         """Ask the daemon to shut down (signal-safe: sets an event only)."""
         self._stop.set()
+
+    def _tick(self) -> None:
+        """One pass of the supervision loop (main thread)."""
+        self._set_worker_pids()
+        key = self._health_fingerprint()
+        if self._health_key is not None and key != self._health_key:
+            logger.info("health changed; re-publishing status")
+            self.publish_status(reason="health_changed")
+        if self._link.is_connected():
+            self._health_key = key
+        now = time.monotonic()
+        idle_for = now - self._last_activity_mono
+        due = (self._last_baseline_mono is None
+               or now - self._last_baseline_mono >= self.config.baseline_every_s)
+        if not self._inflight and idle_for >= self.config.baseline_window_s and due:
+            self._last_baseline_mono = now
+            self._energy.measure_baseline(now - self.config.baseline_window_s, now)
 
     def run_forever(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code (0 on a clean stop)."""
@@ -407,18 +710,20 @@ class AgentDaemon:
         while not self._stop.wait(tick_s):
             # Fed from the main loop, not a side thread: a hung loop stops the pings.
             notify("WATCHDOG=1")
-            if self._process_probe is not None:
-                self._process_probe.set_pid("worker", self._worker.pid)
+            try:
+                self._tick()
+            except Exception:
+                logger.exception("supervision tick failed")
         notify("STOPPING=1")
         self.shutdown()
         return 0
 
     def shutdown(self) -> None:
-        """Stop within a few seconds: finish or cancel the in-flight request, publish offline."""
+        """Stop within a few seconds: finish or cancel in-flight work, flush, publish offline."""
         self._stop.set()
         self._draining.set()
         deadline = time.monotonic() + self.config.shutdown_grace_s
-        while self._inflight is not None and time.monotonic() < deadline:
+        while self._inflight and time.monotonic() < deadline:
             time.sleep(0.02)
         self._cancel_inflight.set()
         # Queued requests are answered, not dropped: the client can retry elsewhere.
@@ -428,11 +733,18 @@ class AgentDaemon:
             except queue.Empty:
                 break
             if job is not None:
-                self._publish_error(job.reply_topic, job.correlation, job.request.id,
-                                    "overloaded", "the agent is shutting down",
-                                    {"retryable": True})
-        self._jobs.put(None)
-        self._executor.join(timeout=1.5)
+                self._refuse(job.request.id, job.reply, "the agent is shutting down",
+                             {"retryable": True, "reason": "shutting_down"})
+        for _ in self._executors:
+            self._jobs.put(None)
+        for t in self._executors:
+            t.join(timeout=1.5 / len(self._executors))
+        # Give the outbox a moment to flush; what remains is sent after the next start.
+        flush_end = time.monotonic() + 1.0
+        while (self._link.is_connected() and self.outbox.stats().depth
+               and time.monotonic() < flush_end):
+            time.sleep(0.02)
+        self._drainer.stop(timeout_s=0.5)
         pending = []
         try:
             pending.append(self._link.publish(
@@ -440,10 +752,44 @@ class AgentDaemon:
                 qos=1, retain=True))
         except PublishError:
             logger.warning("could not publish the offline status; the broker's LWT will")
-        self._link.stop(timeout_s=1.5, pending=pending)
+        self._link.stop(timeout_s=1.0, pending=pending)
+        if self._prometheus is not None:
+            self._prometheus.stop()
         self._sampler.stop()
-        self._worker.stop(timeout_s=1.0)
+        for w in self._workers:
+            w.stop(timeout_s=1.0 / len(self._workers))
+        self.outbox.close()
         logger.info("stopped")
+
+
+def energy_fields(res: EnergyResult) -> dict[str, Any]:
+    """The ``energy`` object of a final result: labelled values, None (with a reason) if unknown.
+
+    Field names carry units (mJ, mW, s). ``source`` joins the summed sources with ``+``.
+    """
+    return {
+        "gross_mj": res.gross_energy_mj,
+        "net_mj": res.net_energy_mj,
+        "mj_per_token": res.gross_mj_per_token,
+        "net_mj_per_token": res.net_mj_per_token,
+        "tokens_per_j": res.gross_tokens_per_j,
+        "mean_power_mw": res.mean_power_mw,
+        "baseline_power_mw": res.baseline_power_mw,
+        "source": "+".join(res.sources) if res.sources else None,
+        "method": res.method,
+        "estimated": res.estimated,
+        "coverage": res.coverage,
+        "sample_interval_s": res.sample_interval_s,
+        "window_s": res.duration_s,
+        "tokens": res.tokens,
+        "reason": res.reason or None,
+    }
+
+
+def _phase(res: EnergyResult) -> dict[str, Any]:
+    return {"gross_mj": res.gross_energy_mj, "net_mj": res.net_energy_mj,
+            "mj_per_token": res.gross_mj_per_token, "coverage": res.coverage,
+            "window_s": res.duration_s, "reason": res.reason or None}
 
 
 def _avail_dict(avail: Any) -> dict[str, Any]:

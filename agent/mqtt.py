@@ -1,14 +1,31 @@
-"""The MQTT link: one paho-mqtt 2.x client, its reconnect loop and its last will.
+"""The MQTT link: one paho-mqtt 2.x client, our own network thread, and its last will.
 
-Concurrency model (one for the whole daemon): paho's network loop runs in its own thread
-(``loop_start``); callbacks run on it and must not block, so they only parse and enqueue.
-``publish`` is safe from any thread. A broker that is down at start is normal: paho keeps
-retrying with the configured backoff, and every (re)connect re-subscribes and re-announces.
+Protocol rules embodied here (DESIGN.md §4, issue 5):
+
+- **One concurrency model**: a single network thread (``edgelm-mqtt``) owned by this module
+  runs paho's ``loop()``; paho callbacks run on it and must not block, so they only parse and
+  enqueue. ``publish`` is safe from any thread: paho is told it has an external loop
+  (``on_socket_register_write``), so a publishing thread only appends to paho's queue and wakes
+  the network thread; it never writes to the socket and never waits.
+- **Reconnect with capped exponential backoff and jitter.** paho's own reconnect delay has no
+  jitter, so a fleet that lost its broker would reconnect in lockstep; this thread drives
+  reconnects itself with :class:`ReconnectBackoff` ("full jitter" between the floor and the
+  capped exponential, AWS architecture blog, 2015). A broker that is down at boot is normal:
+  nothing here raises or exits for it.
+- **CONNACK timeout**: a broker that accepts TCP but never answers (frozen with SIGSTOP, a
+  half-open NAT) is abandoned after ``connect_timeout_s`` and retried with backoff.
+- **Re-subscribe on every connect** (clean start: the broker keeps nothing for us) and
+  re-announce through the ``on_connect`` hook.
+- **MQTT v5 Maximum Packet Size** is advertised in CONNECT, so the broker drops oversized
+  packets before they reach (and fill) the agent's memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
+import socket
 import ssl
 import threading
 import time
@@ -37,7 +54,10 @@ class BrokerConfig:
         username / password: MQTT credentials (from the URL or config).
         protocol: 5 (default; ACL denials and response topics are visible) or 3 (3.1.1).
         keepalive_s: MQTT keepalive; the LWT fires about 1.5× this after a silent death.
-        reconnect_min_s / reconnect_max_s: Reconnect backoff bounds.
+        reconnect_min_s / reconnect_max_s: Reconnect backoff bounds (jittered).
+        connect_timeout_s: Longest wait for TCP/TLS connect and then for CONNACK.
+        max_packet_bytes: MQTT v5 Maximum Packet Size advertised to the broker (0: none).
+        max_queued_messages: Most messages paho holds unsent (bounds its memory).
     """
 
     host: str
@@ -52,6 +72,9 @@ class BrokerConfig:
     keepalive_s: int = 30
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    max_packet_bytes: int = 16 * 1024 * 1024
+    max_queued_messages: int = 10_000
 
 
 def parse_broker_url(url: str) -> BrokerConfig:
@@ -81,6 +104,38 @@ Message = Any  # paho.mqtt.client.MQTTMessage
 MessageHandler = Callable[[Message], None]
 
 
+class ReconnectBackoff:
+    """Capped exponential backoff with full jitter.
+
+    The n-th consecutive failure waits ``uniform(floor, min(cap, floor * 2**n))`` seconds, so
+    the wait never exceeds ``cap``: a broker that comes back is found within one ``cap``.
+
+    Args:
+        floor_s: Smallest delay, s.
+        cap_s: Largest delay, s.
+        rand: ``uniform(a, b)`` (injectable for tests).
+    """
+
+    def __init__(self, floor_s: float, cap_s: float,
+                 rand: Callable[[float, float], float] = random.uniform) -> None:
+        if floor_s <= 0 or cap_s < floor_s:
+            raise ValueError("need 0 < floor_s <= cap_s")
+        self.floor_s = floor_s
+        self.cap_s = cap_s
+        self._rand = rand
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """Delay before the next attempt; counts one more failure."""
+        ceiling = min(self.cap_s, self.floor_s * (2.0 ** min(self.failures, 30)))
+        self.failures += 1
+        return min(self.cap_s, max(self.floor_s, self._rand(self.floor_s, ceiling)))
+
+    def reset(self) -> None:
+        """A connection succeeded: start again from the floor."""
+        self.failures = 0
+
+
 class MqttLink:
     """A resilient MQTT connection with a retained last will.
 
@@ -90,8 +145,10 @@ class MqttLink:
         will: ``(topic, payload)`` published retained with QoS 1 by the broker if the agent
             dies without disconnecting.
         subscriptions: ``(topic filter, qos)`` pairs subscribed on every connect.
-        on_message: Called on paho's thread for every message; must not block.
-        on_connect: Called on paho's thread after each successful (re)connect and subscribe.
+        on_message: Called on the network thread for every message; must not block.
+        on_connect: Called on the network thread after each successful (re)connect and
+            subscribe; must not block.
+        on_publish: Called on the network thread when a QoS 1 publish is acknowledged.
     """
 
     def __init__(
@@ -102,36 +159,56 @@ class MqttLink:
         subscriptions: Sequence[tuple[str, int]],
         on_message: MessageHandler,
         on_connect: Callable[[], None] | None = None,
+        on_publish: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self._subs = list(subscriptions)
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
+        self._on_publish_cb = on_publish
         self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff = ReconnectBackoff(config.reconnect_min_s, config.reconnect_max_s)
         self.connects = 0
+        self.connect_failures = 0
+        self.publish_denied = 0
+        self.subscribe_denied = 0
+        self.last_error: str | None = None
         protocol = MQTTProtocolVersion.MQTTv5 if config.protocol == 5 else (
             MQTTProtocolVersion.MQTTv311)
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-            reconnect_on_failure=True,
+            reconnect_on_failure=False,
         )
         client.enable_logger(logging.getLogger("paho"))
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         if config.tls:
-            ctx = ssl.create_default_context(cafile=config.ca_file)
-            if config.cert_file:
-                ctx.load_cert_chain(config.cert_file, config.key_file)
+            try:
+                ctx = ssl.create_default_context(cafile=config.ca_file)
+                if config.cert_file:
+                    ctx.load_cert_chain(config.cert_file, config.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"TLS files for broker {config.host}: {exc}") from exc
             client.tls_set_context(ctx)
         client.will_set(will[0], will[1], qos=1, retain=True)
-        client.reconnect_delay_set(
-            min_delay=max(1, int(config.reconnect_min_s)),
-            max_delay=max(1, int(config.reconnect_max_s)),
-        )
-        client.max_queued_messages_set(10_000)
+        client.connect_timeout = config.connect_timeout_s
+        client.max_queued_messages_set(config.max_queued_messages)
+        # The outbox drainer bounds what is in flight; paho's own cap would only make its
+        # network thread re-send queued messages under its lock.
+        client.max_inflight_messages_set(0)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        # Tell paho an external loop exists: a publish from any thread then only queues the
+        # packet and wakes our select(), instead of writing the socket from that thread.
+        client.on_socket_register_write = lambda *_: None
+        client.on_socket_unregister_write = lambda *_: None
+        client.on_socket_open = _no_delay
         self._client = client
 
     @property
@@ -153,6 +230,8 @@ class MqttLink:
         if self.config.protocol == 5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
+            if self.config.max_packet_bytes > 0:
+                props.MaximumPacketSize = self.config.max_packet_bytes
         try:
             self._client.connect_async(
                 self.config.host, self.config.port, keepalive=self.config.keepalive_s,
@@ -160,15 +239,73 @@ class MqttLink:
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"broker {self.config.host}:{self.config.port}: {exc}") from exc
-        self._client.loop_start()
+        self._thread = threading.Thread(target=self._run, name="edgelm-mqtt", daemon=True)
+        self._thread.start()
+
+    # -- the network thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        client = self._client
+        socket_open = False
+        connect_started = 0.0
+        while not self._stop.is_set():
+            if self._closing.is_set():
+                # Flush our DISCONNECT, then leave.
+                end = time.monotonic() + 1.0
+                while (time.monotonic() < end and client.socket() is not None
+                       and client.loop(0.05) == paho.MQTT_ERR_SUCCESS):
+                    pass
+                return
+            if not socket_open:
+                try:
+                    client.reconnect()
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    self._failed(f"connect to {self.config.host}:{self.config.port}: {exc}")
+                    continue
+                socket_open = True
+                connect_started = time.monotonic()
+            if client.socket() is None:  # paho closed it (keepalive/CONNACK wait expired)
+                socket_open = False
+                self._connected.clear()
+                if not self._closing.is_set():
+                    self._failed("connection closed before CONNACK or by keepalive")
+                continue
+            try:
+                rc = client.loop(0.1)
+            except Exception as exc:  # paho internals must not end the network thread
+                logger.exception("MQTT loop failed")
+                rc = paho.MQTT_ERR_UNKNOWN
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            if rc != paho.MQTT_ERR_SUCCESS:
+                socket_open = False
+                self._connected.clear()
+                if not self._closing.is_set():
+                    self._failed(f"connection lost: {paho.error_string(rc)}")
+                continue
+            if (not self._connected.is_set() and not self._closing.is_set()
+                    and time.monotonic() - connect_started > self.config.connect_timeout_s):
+                socket_open = False  # the next reconnect() closes this socket
+                self._failed(f"no CONNACK within {self.config.connect_timeout_s:.0f} s")
+
+    def _failed(self, why: str) -> None:
+        self.connect_failures += 1
+        delay = self._backoff.next_delay()
+        if why != self.last_error or self._backoff.failures <= 1:
+            logger.warning("MQTT: %s; retrying in %.1f s", why, delay)
+        else:
+            logger.debug("MQTT: %s; retrying in %.1f s", why, delay)
+        self.last_error = why
+        self._stop.wait(delay)
 
     def _handle_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         if reason_code.is_failure:
-            logger.error("broker refused the connection: %s", reason_code)
+            self.last_error = f"broker refused the connection: {reason_code}"
+            logger.error("%s", self.last_error)
             return
         self.connects += 1
+        self._backoff.reset()
         for topic, qos in self._subs:
             client.subscribe(topic, qos=qos)
         self._connected.set()
@@ -185,14 +322,32 @@ class MqttLink:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
+        if was and not self._closing.is_set():
             logger.warning("disconnected from broker: %s; reconnecting", reason_code)
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: Message) -> None:
         try:
             self._on_message_cb(msg)
-        except Exception:  # a handler bug must never kill paho's network thread
+        except Exception:  # a handler bug must never kill the network thread
             logger.exception("message handler failed for topic %s", msg.topic)
+
+    def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
+                        properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            # MQTT v5 makes ACL denials visible (PUBACK 135); 3.1.1 acknowledges silently.
+            self.publish_denied += 1
+            logger.warning("broker refused publish mid %d: %s", mid, reason_code)
+        if self._on_publish_cb is not None:
+            self._on_publish_cb()
+
+    def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int,
+                          reason_codes: Any, properties: Any) -> None:
+        for rc in reason_codes or ():
+            if getattr(rc, "is_failure", False):
+                self.subscribe_denied += 1
+                logger.error("broker refused a subscription: %s", rc)
+
+    # -- publishing (any thread) ---------------------------------------------------------------
 
     def publish(
         self,
@@ -202,16 +357,25 @@ class MqttLink:
         retain: bool = False,
         properties: Properties | None = None,
     ) -> paho.MQTTMessageInfo:
-        """Queue a publish (thread-safe). QoS 1/2 messages are kept while disconnected.
+        """Queue a publish (thread-safe, never blocks). QoS 1 messages survive a reconnect.
 
         Raises:
             PublishError: The client rejected the message (queue full, payload too large).
         """
-        info = self._client.publish(topic, payload, qos=qos, retain=retain,
-                                    properties=properties)
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain,
+                                        properties=properties)
+        except (ValueError, RuntimeError) as exc:
+            raise PublishError(f"publish to {topic} failed: {exc}") from exc
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise PublishError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         return info
+
+    def publish_entry(self, entry: Any) -> paho.MQTTMessageInfo:
+        """Publish an :class:`agent.outbox.OutboxEntry` (used by the outbox drainer)."""
+        return self.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain,
+                            properties=reply_properties(entry.correlation)
+                            if self.config.protocol == 5 else None)
 
     def stop(self, timeout_s: float = 2.0, pending: Sequence[paho.MQTTMessageInfo] = ()) -> None:
         """Wait (bounded) for ``pending`` publishes, then disconnect cleanly."""
@@ -224,11 +388,26 @@ class MqttLink:
                 info.wait_for_publish(timeout=remaining)
             except (RuntimeError, ValueError):
                 break
+        self._closing.set()
+        if not self.is_connected():
+            self._stop.set()  # nothing to flush: end a backoff wait now
         try:
-            self._client.disconnect()
+            if self.is_connected():
+                self._client.disconnect()
         finally:
-            self._client.loop_stop()
+            thread = self._thread
+            if thread is not None:
+                thread.join(max(0.2, min(1.5, end - time.monotonic() + 1.0)))
+            self._stop.set()
+            if thread is not None:
+                thread.join(0.5)
             self._connected.clear()
+
+
+def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
+    """Disable Nagle: a chunk or PUBACK must not wait ~40 ms for the peer's delayed ACK."""
+    with contextlib.suppress(OSError, AttributeError):  # not TCP (unix socket, websockets)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def reply_properties(correlation_data: bytes | None) -> Properties | None:

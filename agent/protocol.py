@@ -15,6 +15,11 @@ Request fields (``edgelm.infer.request/1``):
 - ``deadline_ms`` (int > 0): budget from receipt, in ms, relative so that clock skew between
   client and device (a Pi without RTC) cannot expire requests early.
 - ``model`` (optional): must name the loaded model (name or sha256), else ``unknown_model``.
+- ``client_id`` (optional string): the key of the per-client rate limit (else the reply topic).
+
+Operator commands arrive on ``cmd/{bench,reload,drain}`` (authorised by broker ACLs) as a JSON
+object with an optional ``id`` and the command's options; the answer
+(``edgelm.cmd.result/1``) goes to the v5 response topic or ``cmd/{name}/result``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ CHUNK_SCHEMA = "edgelm.infer.chunk/1"
 RESULT_SCHEMA = "edgelm.infer.result/1"
 STATUS_SCHEMA = "edgelm.status/1"
 TELEMETRY_SCHEMA = "edgelm.telemetry/1"
+CMD_RESULT_SCHEMA = "edgelm.cmd.result/1"
+COMMANDS = ("bench", "reload", "drain")
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _MAX_ID_CHARS = 128
@@ -113,6 +120,7 @@ class InferRequest:
     stream: bool
     deadline_ms: int | None
     model: str | None
+    client_id: str | None = None
 
 
 def _is_int(value: Any) -> bool:
@@ -124,17 +132,75 @@ def _is_number(value: Any) -> bool:
             and math.isfinite(float(value)))
 
 
-def peek_request_id(payload: bytes) -> str | None:
-    """Best-effort id of a request that failed validation, so its error can be answered."""
+_ID_PEEK = re.compile(rb'"id"\s*:\s*"([^"\\/+#]{1,128})"')
+
+
+def peek_request_id(payload: bytes, max_parse_bytes: int = 1 << 20) -> str | None:
+    """Best-effort id of a request that failed validation, so its error can be answered.
+
+    A payload over ``max_parse_bytes`` is not JSON-decoded (that would cost memory and CPU on
+    exactly the messages the limit exists for); its first 4 KiB are searched for ``"id"``.
+    """
+    if len(payload) > max_parse_bytes:
+        m = _ID_PEEK.search(payload[:4096])
+        if m is None:
+            return None
+        try:
+            return m.group(1).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     try:
         obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     if isinstance(obj, dict):
         rid = obj.get("id")
-        if isinstance(rid, str) and 0 < len(rid) <= _MAX_ID_CHARS and "/" not in rid:
+        if (isinstance(rid, str) and 0 < len(rid) <= _MAX_ID_CHARS
+                and not set(rid) & {"/", "+", "#"}):
             return rid
     return None
+
+
+def parse_command(name: str, payload: bytes, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """Validate an operator command (``cmd/{name}``) and return its options.
+
+    Raises:
+        RequestError: ``bad_request`` naming the problem (unknown command, bad option).
+    """
+    if name not in COMMANDS:
+        raise RequestError("bad_request", f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
+    if len(payload) > max_bytes:
+        raise RequestError("too_large", f"command payload over {max_bytes} bytes")
+    obj: Any = {}
+    if payload.strip():
+        try:
+            obj = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise RequestError("bad_request", f"command payload is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RequestError("bad_request", "command payload must be a JSON object")
+    cid = obj.get("id")
+    if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= _MAX_ID_CHARS):
+        raise RequestError("bad_request", "'id' must be a string of 1-128 characters")
+    allowed: dict[str, tuple[type, int, int]] = {
+        "bench": {"max_tokens": (int, 1, 512), "runs": (int, 1, 20), "warmup": (int, 0, 5)},
+        "reload": {},
+        "drain": {},
+    }[name]  # type: ignore[assignment]
+    flags = {"bench": {"ignore_eos"}, "drain": {"resume"}, "reload": set()}[name]
+    for key, value in obj.items():
+        if key == "id":
+            continue
+        if key in flags:
+            if not isinstance(value, bool):
+                raise RequestError("bad_request", f"'{key}' must be a boolean", cid)
+            continue
+        if key not in allowed:
+            raise RequestError("bad_request", f"unknown option {key!r} for cmd/{name}", cid)
+        _, lo, hi = allowed[key]
+        if not _is_int(value) or not lo <= value <= hi:
+            raise RequestError("bad_request", f"'{key}' must be an integer in {lo}..{hi}", cid)
+    return obj
 
 
 def parse_request(payload: bytes, max_payload_bytes: int) -> InferRequest:
@@ -160,6 +226,8 @@ def parse_request(payload: bytes, max_payload_bytes: int) -> InferRequest:
         obj = json.loads(text)
     except ValueError as exc:
         raise RequestError("bad_request", f"payload is not JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("bad_request", "payload is not JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise RequestError("bad_request", "payload must be a JSON object")
     rid = obj.get("id")
@@ -239,4 +307,5 @@ def parse_request(payload: bytes, max_payload_bytes: int) -> InferRequest:
         seed=int(seed) if seed is not None else None, stop=tuple(stop),
         ignore_eos=bool(obj.get("ignore_eos", False)), stream=bool(obj.get("stream", True)),
         deadline_ms=int(deadline) if deadline is not None else None, model=model,
+        client_id=obj.get("client_id"),
     )

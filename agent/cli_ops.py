@@ -1,0 +1,216 @@
+"""``agentctl config check`` and ``agentctl outbox``: operator commands for the daemon.
+
+Also turns the merged configuration (file < ``EDGELM_*`` < flags, see :mod:`agent.config`)
+into the daemon's :class:`agent.daemon.DaemonConfig` for ``agentctl run``. Errors are
+:class:`agent.errors.ConfigError` naming the file or flag and the key; the CLI exits 78
+(EX_CONFIG) on them, which the systemd unit lists in ``RestartPreventExitStatus``.
+
+Registered by the last line of :mod:`agent.cli`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from agent.cli import EXIT_CONFIG, _fail, main
+from agent.config import DEFAULT_PATH, AgentConfig, load_config
+from agent.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # the daemon pulls in paho and the backends; import it lazily
+    from agent.daemon import DaemonConfig
+
+_FLAG_KEYS = {
+    "broker": "mqtt.broker", "fleet": "agent.fleet", "device": "agent.device",
+    "state_dir": "agent.state_dir", "backend": "model.backend", "model": "model.name",
+    "threads": "model.threads", "context_tokens": "model.context_tokens",
+    "mqtt_version": "mqtt.protocol", "telemetry_interval": "telemetry.interval_s",
+    "probe_root": "telemetry.probe_root", "probe_names": "telemetry.probes",
+    "queue_size": "admission.queue_size",
+}
+
+
+def config_path_of(explicit: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
+    """The config file to read and whether it must exist (named by flag or EDGELM_CONFIG)."""
+    if explicit:
+        return Path(explicit), True
+    if env.get("EDGELM_CONFIG"):
+        return Path(env["EDGELM_CONFIG"]), True
+    return DEFAULT_PATH, False
+
+
+def load_from(explicit: str | None, flags: Mapping[str, Any], env: Mapping[str, str]
+              ) -> AgentConfig:
+    """Load the merged configuration for a command's flags."""
+    overrides: dict[str, Any] = {}
+    for flag, value in flags.items():
+        key = _FLAG_KEYS[flag]
+        if value is None or value == ():
+            continue
+        overrides[key] = int(value) if flag == "mqtt_version" else value
+    path, required = config_path_of(explicit, env)
+    return load_config(path, env, overrides, required=required)
+
+
+def broker_config_of(cfg: AgentConfig) -> Any:
+    """The :class:`agent.mqtt.BrokerConfig` for ``cfg`` (reads ``mqtt.password_file``).
+
+    Raises:
+        ConfigError: Inconsistent TLS settings or an unreadable password file.
+    """
+    from agent.mqtt import parse_broker_url
+
+    m = cfg.mqtt
+    where = cfg.source or "config"
+    base = parse_broker_url(m.broker)
+    password = m.password
+    if m.password_file:
+        try:
+            password = Path(m.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: mqtt.password_file: {exc}") from None
+    if (m.ca_file or m.cert_file) and not base.tls:
+        raise ConfigError(f"{where}: mqtt.ca_file/cert_file need an mqtts:// broker URL")
+    if m.key_file and not m.cert_file:
+        raise ConfigError(f"{where}: mqtt.key_file needs mqtt.cert_file")
+    return dataclasses.replace(
+        base, protocol=m.protocol, keepalive_s=m.keepalive_s,
+        username=m.username if m.username is not None else base.username,
+        password=password if password is not None else base.password,
+        ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file,
+        reconnect_min_s=m.reconnect_min_s, reconnect_max_s=m.reconnect_max_s,
+        connect_timeout_s=m.connect_timeout_s, max_packet_bytes=m.max_packet_bytes,
+    )
+
+
+def daemon_config_from(explicit: str | None, flags: Mapping[str, Any],
+                       env: Mapping[str, str]) -> DaemonConfig:
+    """Everything ``agentctl run`` needs, from file, environment and flags.
+
+    Raises:
+        ConfigError: Naming the file/flag and key. ModelError: the model cannot be resolved.
+    """
+    from agent.admission import AdmissionConfig
+    from agent.daemon import DaemonConfig, default_state_dir
+    from agent.models import resolve_model
+    from agent.outbox import OutboxConfig
+    from agent.protocol import validate_segment
+    from backends.base import resolve_threads
+
+    cfg = load_from(explicit, flags, env)
+    where = cfg.source or "config"
+    if not cfg.agent.fleet:
+        raise ConfigError(f"{where}: agent.fleet is required (--fleet or EDGELM_FLEET)")
+    if not cfg.agent.device:
+        raise ConfigError(f"{where}: agent.device is required (--device or EDGELM_DEVICE)")
+    try:
+        validate_segment("agent.fleet", cfg.agent.fleet)
+        validate_segment("agent.device", cfg.agent.device)
+        n_threads, how = resolve_threads(cfg.model.threads)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    try:
+        resolved = resolve_model(cfg.model.name)
+    except ModelError as exc:
+        raise ConfigError(f"{where}: model.name: {exc}") from None
+    a, o = cfg.admission, cfg.outbox
+    return DaemonConfig(
+        broker=broker_config_of(cfg), fleet=cfg.agent.fleet, device=cfg.agent.device,
+        state_dir=Path(cfg.agent.state_dir) if cfg.agent.state_dir else default_state_dir(),
+        backend=cfg.model.backend, model=resolved, threads=n_threads, threads_how=how,
+        context_tokens=cfg.model.context_tokens,
+        telemetry_interval_s=cfg.telemetry.interval_s, probe_root=cfg.telemetry.probe_root,
+        probe_names=cfg.telemetry.probes or None,
+        admission=AdmissionConfig(
+            queue_size=a.queue_size, concurrency=a.concurrency,
+            max_payload_bytes=a.max_payload_bytes, rate_limit=a.rate_limit,
+            rate_window_s=a.rate_window_s, default_deadline_ms=a.default_deadline_ms,
+            idempotency_ttl_s=a.idempotency_ttl_s,
+            idempotency_max_entries=a.idempotency_max_entries),
+        outbox=OutboxConfig(max_bytes=o.max_bytes, ttl_s=o.ttl_s, drop_policy=o.drop_policy,
+                            replay_rate_per_s=o.replay_rate_per_s,
+                            inflight_window=o.inflight_window, synchronous=o.synchronous),
+        telemetry_via_outbox=o.telemetry,
+        fast_interval_s=cfg.telemetry.fast_interval_s,
+        energy_min_coverage=cfg.energy.min_coverage,
+        baseline_window_s=cfg.energy.baseline_window_s,
+        baseline_every_s=cfg.energy.baseline_every_s,
+        log_content=cfg.agent.log_content,
+        prometheus_listen=cfg.prometheus.listen if cfg.prometheus.enabled else None,
+    )
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check the agent's configuration."""
+
+
+@config_group.command("check")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config (default: $EDGELM_CONFIG or /etc/edgelm/agent.toml).")
+@click.option("--json", "as_json", is_flag=True, help="Print the merged config as JSON.")
+def config_check(config_path: str | None, as_json: bool) -> None:
+    """Validate the file and EDGELM_* variables; print the merged result (secrets hidden).
+
+    Exits 78 naming the file (or variable) and key on the first error.
+    """
+    env = dict(os.environ)
+    try:
+        cfg = load_from(config_path, {}, env)
+        if cfg.mqtt.ca_file or cfg.mqtt.cert_file or cfg.mqtt.key_file:
+            from agent.mqtt import parse_broker_url
+
+            if not parse_broker_url(cfg.mqtt.broker).tls:
+                raise ConfigError(f"{cfg.source or 'config'}: mqtt.ca_file/cert_file need an "
+                                  "mqtts:// broker URL")
+        if cfg.prometheus.enabled:
+            from agent.prometheus import parse_listen
+
+            parse_listen(cfg.prometheus.listen)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    if as_json:
+        click.echo(json.dumps(cfg.redacted(), indent=2))
+        return
+    path, _ = config_path_of(config_path, env)
+    click.echo(f"config OK ({cfg.source or f'{path} not present; defaults and environment'})")
+    for section, values in cfg.redacted().items():
+        if section == "source":
+            continue
+        for key, value in values.items():
+            click.echo(f"  {section}.{key} = {json.dumps(value)}")
+
+
+@main.group("outbox")
+def outbox_group() -> None:
+    """Inspect the daemon's outbox (results waiting for the broker)."""
+
+
+@outbox_group.command("stats")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="State directory (default: as agentctl run).")
+def outbox_stats(state_dir: str | None) -> None:
+    """Print how many messages wait in the outbox, by kind, oldest first."""
+    import sqlite3
+
+    from agent.daemon import default_state_dir
+
+    path = Path(state_dir or default_state_dir()) / "outbox.sqlite3"
+    if not path.exists():
+        _fail(f"no outbox at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT kind, COUNT(*), SUM(size), MIN(created_unix_ms) FROM outbox "
+                          "GROUP BY kind ORDER BY kind").fetchall()
+    except sqlite3.Error as exc:
+        _fail(f"{path}: {exc}")
+    finally:
+        db.close()
+    click.echo(json.dumps({"path": str(path), "kinds": [
+        {"kind": k, "depth": n, "bytes": b, "oldest_unix_ms": t} for k, n, b, t in rows]}))

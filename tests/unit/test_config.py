@@ -1,0 +1,122 @@
+"""Config: TOML, EDGELM_* overrides, flags; unknown keys and bad values name file and key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import main
+from agent.config import load_config, parse_toml
+from agent.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent.parent
+EXAMPLE = REPO / "systemd" / "agent.toml.example"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_file() -> None:
+    cfg = load_config(None)
+    assert cfg.mqtt.broker == "mqtt://127.0.0.1:1883"
+    assert cfg.admission.concurrency == 1
+    assert cfg.prometheus.enabled is False and cfg.prometheus.listen.startswith("127.0.0.1:")
+    assert cfg.agent.log_content is False
+
+
+def test_file_env_flag_precedence(tmp_path: Path) -> None:
+    p = write(tmp_path, '[agent]\nfleet = "f-file"\ndevice = "d-file"\n'
+                        '[mqtt]\nkeepalive_s = 20\n[outbox]\ntelemetry = true\n'
+                        '[telemetry]\nprobes = ["cpu", "memory"]\n')
+    env = {"EDGELM_MQTT_KEEPALIVE_S": "40", "EDGELM_FLEET": "f-env",
+           "EDGELM_LLAMA_CMAKE_ARGS": "-DX=1", "PATH": "/bin"}
+    cfg = load_config(p, env, {"agent.fleet": "f-flag", "model.threads": None})
+    assert cfg.agent.fleet == "f-flag"
+    assert cfg.agent.device == "d-file"
+    assert cfg.mqtt.keepalive_s == 40
+    assert cfg.outbox.telemetry is True
+    assert cfg.telemetry.probes == ("cpu", "memory")
+    assert cfg.source == str(p)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[mqtt]\nbrokr = 'x'\n", "unknown key mqtt.brokr"),
+        ("[mqttt]\nbroker = 'x'\n", "unknown section [mqttt]"),
+        ("[mqtt]\nkeepalive_s = 'ten'\n", "mqtt.keepalive_s: expected an integer"),
+        ("[mqtt]\nprotocol = 4\n", "mqtt.protocol must be one of 3, 5"),
+        ("[outbox]\ndrop_policy = 'yolo'\n", "outbox.drop_policy must be one of"),
+        ("[outbox]\nmax_bytes = -1\n", "outbox.max_bytes must be in"),
+        ("[admission]\nconcurrency = 0\n", "admission.concurrency must be in"),
+        ("[prometheus]\nenabled = 'yes'\n", "prometheus.enabled: expected true or false"),
+        ("[model]\nthreads = 'lots'\n", "model.threads must be 'auto'"),
+        ("[telemetry]\nprobes = [1, 2]\n", "telemetry.probes: expected a list of strings"),
+        ("fleet = 'x'\n", "must be a [section]"),
+        ("[agent\n", "not valid TOML"),
+        ("[mqtt]\nreconnect_min_s = 10.0\nreconnect_max_s = 1.0\n", "reconnect_max_s"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert needle in str(exc.value)
+    assert str(p) in str(exc.value)
+
+
+def test_env_errors_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match="environment EDGELM_MQTT_KEEPALIVE: unknown key"):
+        load_config(None, {"EDGELM_MQTT_KEEPALIVE": "3"})
+    with pytest.raises(ConfigError, match=r"EDGELM_OUTBOX_TELEMETRY: outbox\.telemetry"):
+        load_config(None, {"EDGELM_OUTBOX_TELEMETRY": "maybe"})
+    cfg = load_config(None, {"EDGELM_OUTBOX_TELEMETRY": "yes", "EDGELM_MQTT_USERNAME": ""})
+    assert cfg.outbox.telemetry is True and cfg.mqtt.username is None
+
+
+def test_missing_file_only_fails_when_named(tmp_path: Path) -> None:
+    assert load_config(tmp_path / "nope.toml").source is None
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml", required=True)
+
+
+def test_shipped_example_is_valid() -> None:
+    values = parse_toml(EXAMPLE.read_text(), str(EXAMPLE))
+    assert "mqtt" in values and "outbox" in values
+
+
+def test_redacted_hides_secrets(tmp_path: Path) -> None:
+    p = write(tmp_path, "[mqtt]\nbroker = 'mqtts://dev:s3cret@broker:8883'\npassword = 'pw'\n")
+    red = load_config(p).redacted()
+    assert "s3cret" not in json.dumps(red) and "pw" not in red["mqtt"]["password"]
+
+
+def test_cli_config_check_ok_and_error(tmp_path: Path) -> None:
+    runner = CliRunner()
+    good = write(tmp_path, "[agent]\nfleet = 'f'\ndevice = 'd'\n")
+    res = runner.invoke(main, ["config", "check", "--config", str(good)], env={})
+    assert res.exit_code == 0, res.output
+    assert "config OK" in res.output and "agent.fleet" in res.output
+    res = runner.invoke(main, ["config", "check", "--config", str(good), "--json"], env={})
+    assert json.loads(res.output)["agent"]["device"] == "d"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[outbox]\nttl = 5\n")
+    res = runner.invoke(main, ["config", "check", "--config", str(bad)], env={})
+    assert res.exit_code == 78
+    assert "unknown key outbox.ttl" in res.output and str(bad) in res.output
+    res = runner.invoke(main, ["config", "check", "--config", str(tmp_path / "missing.toml")])
+    assert res.exit_code == 78
+
+
+def test_cli_run_bad_config_exits_78(tmp_path: Path) -> None:
+    bad = write(tmp_path, "[admission]\nqueue = 3\n")
+    res = CliRunner().invoke(main, ["run", "--config", str(bad)], env={})
+    assert res.exit_code == 78 and "admission.queue" in res.output
+    res = CliRunner().invoke(main, ["run", "--fleet", "f"], env={"EDGELM_CONFIG": ""})
+    assert res.exit_code == 78 and "agent.device is required" in res.output
