@@ -243,3 +243,45 @@ def test_fast_wakes_a_slow_sampler() -> None:
     finally:
         s.stop()
     assert s.stats().skipped_ticks == 0
+
+
+@dataclass(frozen=True)
+class PlainReadings:
+    n: int
+
+
+class PlainProbe(Probe):
+    """A probe with no power source (like cpu or thermal)."""
+
+    name = "plain"
+
+    def __init__(self, root: str = "/") -> None:
+        super().__init__(root)
+        self.n = 0
+
+    def check(self) -> Availability:
+        return Availability(True)
+
+    def sample(self) -> PlainReadings:
+        self.n += 1
+        return PlainReadings(self.n)
+
+
+def test_fast_windows_sample_only_power_sources_at_the_high_rate() -> None:
+    clock = FakeClock()
+    power, plain = CountingProbe(), PlainProbe()
+    s = Sampler([power, plain], interval_s=1.0, clock=clock)
+    s.sample_once()
+    with s.fast(0.1):
+        for _ in range(9):
+            clock.t += 0.1
+            snap = s.sample_once()
+            assert snap.readings["plain"] == {"n": 1}  # carried forward, not re-sampled
+        clock.t += 0.1
+        snap = s.sample_once()
+    assert power.n == 11  # every tick
+    assert plain.n == 2  # once per base interval
+    assert snap.readings["plain"] == {"n": 2}
+    clock.t += 1.0
+    s.sample_once()
+    assert plain.n == 3  # outside fast windows every probe is sampled every tick
