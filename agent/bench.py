@@ -111,6 +111,8 @@ class BenchConfig:
         probe_options: Per-probe options (e.g. the ``estimate`` probe's idle/max power).
         sample_interval_s: Sampling interval inside runs (≥ 10 Hz by default).
         baseline_s: Idle time measured before the runs for net energy (0 disables).
+        backend_options: Engine-specific options (``BackendOptions.extra``), e.g. an
+            ``openai`` endpoint's ``base_url`` and token prices.
     """
 
     backend: str
@@ -137,6 +139,7 @@ class BenchConfig:
     probe_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     sample_interval_s: float = 0.05
     baseline_s: float = 2.0
+    backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _energy_dict(res: EnergyResult | None) -> dict[str, Any] | None:
@@ -215,7 +218,8 @@ class _Bench:
             backend=config.backend,
             model=ModelSpec(config.model.name, config.model.path, config.model.format,
                             config.model.sha256),
-            options=BackendOptions(threads=config.threads, context_tokens=config.context_tokens),
+            options=BackendOptions(threads=config.threads, context_tokens=config.context_tokens,
+                                   extra=dict(config.backend_options)),
         ))
         probes = [p for p in create_probes(None, config.probe_root,
                                            options=config.probe_options)
@@ -333,6 +337,7 @@ def _quality(b: _Bench, progress: ProgressFn) -> dict[str, Any]:
             "prompt_tokens": rec["prompt_tokens"],
             "completion_tokens": rec["completion_tokens"],
             "energy_mj": rec["energy_mj"],
+            "cost": (rec.get("engine") or {}).get("cost"),
             "valid": rec["valid"],
         })
         progress("quality", i + 1, len(items))
@@ -364,6 +369,21 @@ def paper_metrics(record: dict[str, Any], config: BenchConfig) -> dict[str, Any]
     ttft = summarize(ttfts).mean if ttfts else None  # type: ignore[union-attr]
     r_value = responsiveness(ttft, config.ttft_ref_ms) if ttft else None
     u = utility(q, r_value, config.alpha) if q is not None and r_value is not None else None
+    costs = [(r.get("cost") if "cost" in r else (r.get("engine") or {}).get("cost"))
+             for r in rows]
+    priced = [float(c) for c in costs if c is not None]
+    if rows and len(priced) == len(rows):
+        # A priced remote endpoint: CPR is what the provider bills for the tokens.
+        cpr_cloud = sum(priced) / len(priced) * 100.0
+        return {
+            "alpha": config.alpha, "ttft_ref_ms": config.ttft_ref_ms,
+            "r_normalisation": "ratio: min(1, ttft_ref_ms / ttft_ms)",
+            "price_per_kwh": None, "q": q, "ttft_ms": ttft, "r": r_value, "u": u,
+            "energy_per_response_mj": None, "energy_sources": [],
+            "cpr_basis": "cloud_tokens", "cpr_cents": cpr_cloud,
+            "pcr": pcr(u, cpr_cloud) if u is not None and cpr_cloud > 0 else None,
+            "reasons": reasons,
+        }
     energies = [r["energy_mj"] for r in rows if r.get("energy_mj") is not None]
     if len(energies) < len(rows):
         first = next((r for r in record["runs"] if r.get("energy")), None)
@@ -388,6 +408,7 @@ def paper_metrics(record: dict[str, Any], config: BenchConfig) -> dict[str, Any]
         "u": u,
         "energy_per_response_mj": energy,
         "energy_sources": sources,
+        "cpr_basis": "edge_energy",
         "cpr_cents": cpr,
         "pcr": pcr_value,
         "reasons": reasons,

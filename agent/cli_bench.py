@@ -51,6 +51,9 @@ _BENCH_OPTIONS = [
                  help="Enable the labelled power estimate: board power at idle (mW)."),
     click.option("--power-max-mw", type=click.FloatRange(min=0), default=None,
                  help="… and with all CPUs busy (mW)."),
+    click.option("--backend-opt", "backend_opts", multiple=True, metavar="KEY=VALUE",
+                 help="Engine option (repeatable), e.g. base_url=http://127.0.0.1:8080/v1, "
+                 "prompt_price_per_mtok=0.15; values are parsed as JSON when they can be."),
     click.option("--baseline-s", type=click.FloatRange(min=0), default=2.0, show_default=True,
                  help="Idle seconds measured first for net energy (0: none)."),
 ]
@@ -86,6 +89,19 @@ def _load_prompts(path: str) -> tuple[tuple[dict[str, str], ...], ...]:
     return tuple(convs)
 
 
+def _backend_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--backend-opt {pair!r}: expected KEY=VALUE", EXIT_CONFIG)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def build_config(backend: str, model: str, kw: dict[str, Any]) -> Any:
     """A BenchConfig from CLI options."""
     from agent.bench import DEFAULT_MESSAGES, BenchConfig
@@ -115,6 +131,7 @@ def build_config(backend: str, model: str, kw: dict[str, Any]) -> Any:
         ttft_ref_ms=kw["ttft_ref_ms"], price_per_kwh=kw["price_kwh"],
         cooldown_c=kw.get("cooldown_c"), probe_root=kw["probe_root"],
         probe_options=probe_options, baseline_s=kw["baseline_s"],
+        backend_options=_backend_options(kw.get("backend_opts") or ()),
     )
 
 
@@ -315,7 +332,12 @@ def bench_compare(ctx: click.Context, targets: tuple[str, ...], as_json: bool) -
                      "q": p["q"], "r": p["r"], "u": p["u"], "ttft_ms": p["ttft_ms"],
                      "tgs": (record["summary"].get("decode_tok_s") or {}).get("mean"),
                      "energy_per_response_mj": p["energy_per_response_mj"],
-                     "cpr_cents": p["cpr_cents"], "pcr": p["pcr"], "reasons": p["reasons"]})
+                     "cpr_basis": p.get("cpr_basis"), "cpr_cents": p["cpr_cents"],
+                     "pcr": p["pcr"], "reasons": p["reasons"]})
+    cloud = [r for r in rows if r.get("cpr_basis") == "cloud_tokens" and r.get("cpr_cents")]
+    for r in rows:
+        if r.get("cpr_basis") == "edge_energy" and r.get("cpr_cents") and cloud:
+            r["edge_vs_cloud_cost"] = r["cpr_cents"] / cloud[0]["cpr_cents"]
     result = {"schema": "edgelm.bench.compare/1", "rows": rows, "records": records}
     if base.get("out"):
         Path(base["out"]).write_text(json.dumps(result) + "\n")
@@ -324,6 +346,8 @@ def bench_compare(ctx: click.Context, targets: tuple[str, ...], as_json: bool) -
         return
     click.echo(render_table_one([r for r in rows if "error" not in r]))
     for r in rows:
+        if r.get("edge_vs_cloud_cost") is not None:
+            click.echo(f"{r['label']}: edge CPR is {r['edge_vs_cloud_cost']:.3g}× the cloud's")
         if "error" in r:
             click.echo(f"{r['label']}: FAILED {r['error']}")
         for reason in r.get("reasons") or []:
