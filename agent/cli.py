@@ -76,94 +76,6 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def render_bench_table(record: dict[str, Any]) -> str:
-    """A readable terminal table of a bench record."""
-    m = record["model"]
-    cfg = record["config"]
-    lines = [
-        f"model    {m['name']}  ({m['format']}, {m.get('quantization') or '?'}, "
-        f"{m['size_bytes'] / 1e6:.1f} MB, sha256 {m['sha256'][:12]}…)",
-        f"backend  {record['backend']} {record['provenance'].get('engine_version') or ''}  "
-        f"threads {cfg['n_threads']} ({record['provenance']['threads_how']})  "
-        f"prompt {record['n_prompt']} tok  max_tokens {cfg['max_tokens']}"
-        f"{'  ignore_eos' if cfg['ignore_eos'] else ''}",
-        f"runs     {cfg['runs']} measured, {cfg['warmup']} warm-up; "
-        f"model load {_fmt(record.get('load_ms'), 0)} ms; "
-        f"cold TTFT {_fmt((record.get('cold') or {}).get('ttft_ms'))} ms",
-        "",
-    ]
-    rows = [
-        ("TTFT", "ttft_ms", "ms"),
-        ("prefill", "prefill_tok_s", "tok/s"),
-        ("decode", "decode_tok_s", "tok/s"),
-        ("ITL", "itl_ms", "ms"),
-        ("e2e latency", "e2e_ms", "ms"),
-        ("completion tokens", "completion_tokens", "tok"),
-        ("worker CPU", "cpu_pct", "%"),
-    ]
-    header = f"{'metric':<18} {'unit':<6} {'mean':>9} {'p50':>9} {'p90':>9} {'min':>9} {'max':>9}"
-    lines += [header, "-" * len(header)]
-    for label, key, unit in rows:
-        s = record["summary"].get(key)
-        if s is None:
-            lines.append(f"{label:<18} {unit:<6} {'—':>9}")
-            continue
-        digits = 0 if key == "completion_tokens" else 1
-        lines.append(
-            f"{label:<18} {unit:<6} "
-            + " ".join(f"{_fmt(s[k], digits):>9}" for k in ("mean", "p50", "p90", "min", "max"))
-        )
-    rss = record.get("peak_rss_bytes")
-    lines.append(f"{'peak RSS':<18} {'MB':<6} {_fmt(rss / 1e6 if rss else None):>9}")
-    return "\n".join(lines)
-
-
-@main.command()
-@click.option("--backend", default="llamacpp", show_default=True, help="Inference backend.")
-@click.option("--model", default="smollm2-135m", show_default=True, help="Model name or path.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-tokens tokens.")
-@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--threads", default="auto", show_default=True, help="Positive count or 'auto'.")
-@click.option("--ctx", "context_tokens", type=click.IntRange(min=16), default=2048,
-              show_default=True, help="Context window to allocate (tokens).")
-@click.option("--prompt", default=None, help="User message (default: the standard bench prompt).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (edgelm.bench/1).")
-def bench(
-    backend: str, model: str, max_tokens: int, ignore_eos: bool, runs: int, warmup: int,
-    threads: str, context_tokens: int, prompt: str | None, as_json: bool,
-) -> None:
-    """Benchmark a backend on a model: TTFT, prefill/decode speed, ITL, latency, RSS, CPU."""
-    from agent.bench import DEFAULT_MESSAGES, BenchConfig, run_bench
-
-    resolved = _resolve(model)
-    n_threads, how = _threads(threads)
-    messages = DEFAULT_MESSAGES
-    if prompt is not None:
-        messages = ({"role": "user", "content": prompt},)
-    config = BenchConfig(
-        backend=backend, model=resolved, threads=n_threads, threads_how=how,
-        max_tokens=max_tokens, ignore_eos=ignore_eos, runs=runs, warmup=warmup,
-        messages=messages, context_tokens=context_tokens,
-    )
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if not as_json and sys.stderr.isatty():
-            click.echo(f"\r{phase:<7} {done}/{total}", err=True, nl=False)
-
-    try:
-        record = run_bench(config, progress=progress)
-    except BackendError as exc:
-        _fail(f"{exc.code}: {exc.message}")
-    if not as_json and sys.stderr.isatty():
-        click.echo("\r" + " " * 20 + "\r", err=True, nl=False)
-    if as_json:
-        click.echo(json.dumps(record))
-    else:
-        click.echo(render_bench_table(record))
-
-
 # ---------------------------------------------------------------------------------- infer
 
 
@@ -317,58 +229,62 @@ def run_main() -> None:
 
 
 @main.command()
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="mqtt://[user:pass@]host[:port] or mqtts://… (TLS).")
-@click.option("--fleet", required=True, help="Fleet id (topic segment).")
-@click.option("--device", required=True, help="Device id (topic segment).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config (default: $EDGELM_CONFIG or /etc/edgelm/agent.toml if present).")
+@click.option("--broker", default=None,
+              help="mqtt://[user:pass@]host[:port] or mqtts://… (TLS) [mqtt://127.0.0.1:1883].")
+@click.option("--fleet", default=None, help="Fleet id (topic segment); agent.fleet.")
+@click.option("--device", default=None, help="Device id (topic segment); agent.device.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="State directory (default: $STATE_DIRECTORY, /var/lib/edgelm or "
                    "~/.local/state/edgelm).")
-@click.option("--backend", default="llamacpp", show_default=True)
-@click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--threads", default="auto", show_default=True)
-@click.option("--ctx", "context_tokens", type=click.IntRange(min=16), default=2048,
-              show_default=True)
-@click.option("--mqtt-version", type=click.Choice(["5", "3"]), default="5", show_default=True,
-              help="MQTT protocol: 5, or 3 for 3.1.1.")
-@click.option("--telemetry-interval", type=click.FloatRange(min=0.05), default=1.0,
-              show_default=True, help="Seconds between telemetry messages.")
-@click.option("--probe-root", default="/", show_default=True,
-              help="Filesystem root for probes (fixture trees in tests).")
+@click.option("--backend", default=None, help="[llamacpp]")
+@click.option("--model", default=None, help="[smollm2-135m]")
+@click.option("--threads", default=None, help="[auto]")
+@click.option("--ctx", "context_tokens", type=click.IntRange(min=16), default=None,
+              help="[2048]")
+@click.option("--mqtt-version", type=click.Choice(["5", "3"]), default=None,
+              help="MQTT protocol: 5, or 3 for 3.1.1. [5]")
+@click.option("--telemetry-interval", type=click.FloatRange(min=0.05), default=None,
+              help="Seconds between telemetry messages. [1.0]")
+@click.option("--probe-root", default=None,
+              help="Filesystem root for probes (fixture trees in tests). [/]")
 @click.option("--probe", "probe_names", multiple=True, help="Enable only these probes.")
-@click.option("--queue-size", type=click.IntRange(min=0), default=16, show_default=True)
-def run(
-    broker: str, fleet: str, device: str, state_dir: str | None, backend: str, model: str,
-    threads: str, context_tokens: int, mqtt_version: str, telemetry_interval: float,
-    probe_root: str, probe_names: tuple[str, ...], queue_size: int,
-) -> None:
-    """Run the agent daemon in the foreground (systemd runs exactly this)."""
-    import dataclasses
-    from pathlib import Path
+@click.option("--queue-size", type=click.IntRange(min=0), default=None, help="[16]")
+def run(config_path: str | None, **flags: Any) -> None:
+    """Run the agent daemon in the foreground (systemd runs exactly this).
 
-    from agent.daemon import AgentDaemon, DaemonConfig, default_state_dir
-    from agent.mqtt import parse_broker_url
-    from agent.protocol import validate_segment
-
-    try:
-        validate_segment("--fleet", fleet)
-        validate_segment("--device", device)
-        broker_cfg = dataclasses.replace(parse_broker_url(broker), protocol=int(mqtt_version))
-    except (ValueError, ConfigError) as exc:
-        _fail(str(exc), EXIT_CONFIG)
-    resolved = _resolve(model)
-    n_threads, how = _threads(threads)
-    config = DaemonConfig(
-        broker=broker_cfg, fleet=fleet, device=device,
-        state_dir=Path(state_dir) if state_dir else default_state_dir(),
-        backend=backend, model=resolved, threads=n_threads, threads_how=how,
-        context_tokens=context_tokens, telemetry_interval_s=telemetry_interval,
-        probe_root=probe_root, probe_names=probe_names or None, queue_size=queue_size,
-    )
+    Settings come from the config file, then EDGELM_* variables, then these flags.
+    """
+    from agent.cli_ops import daemon_config_from
+    from agent.daemon import AgentDaemon
     from probes.base import ProbeError
 
     try:
+        config = daemon_config_from(config_path, flags, os.environ)
+    except (ConfigError, ModelError) as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    try:
         daemon = AgentDaemon(config)
-    except (OSError, ProbeError, ValueError) as exc:
+    except (OSError, ProbeError, ValueError, ConfigError) as exc:
         _fail(f"cannot start: {exc}", EXIT_CONFIG)
     sys.exit(daemon.run_forever())
+
+
+from agent.cli_bench import bench as _bench_group  # noqa: E402  (registers after main exists)
+
+main.add_command(_bench_group, name="bench")
+
+from agent.cli_models import models_group  # noqa: E402  (registers after main exists)
+
+main.add_command(models_group)
+
+from agent import cli_ops as _cli_ops  # noqa: E402,F401  (registers config/outbox commands)
+from agent.cli_fleet import COMMANDS as _FLEET_COMMANDS  # noqa: E402  (fleet commands)
+
+for _command in _FLEET_COMMANDS:
+    main.add_command(_command)
+
+from agent import cli_report as _cli_report  # noqa: E402  (registers after main exists)
+
+main.add_command(_cli_report.report, name="report")

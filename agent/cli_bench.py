@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from agent.cli import EXIT_CONFIG, _fail, _fmt, _resolve, _threads
+from agent.cli import EXIT_CONFIG, _fail, _fmt, _threads
 from backends.base import BackendError
 
 _BENCH_OPTIONS = [
@@ -105,8 +105,15 @@ def _backend_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 def build_config(backend: str, model: str, kw: dict[str, Any]) -> Any:
     """A BenchConfig from CLI options."""
     from agent.bench import DEFAULT_MESSAGES, BenchConfig
+    from agent.errors import ModelError
+    from agent.model_cache import resolve_for_backend
 
-    resolved = _resolve(model)
+    try:
+        # the build this backend loads (GGUF, ONNX folder, .tflite), so the record's hash,
+        # format and size describe what actually ran
+        resolved = resolve_for_backend(model, backend)
+    except ModelError as exc:
+        _fail(str(exc), EXIT_CONFIG)
     n_threads, how = _threads(kw["threads"])
     messages: tuple[tuple[dict[str, str], ...], ...] = (DEFAULT_MESSAGES,)
     if kw.get("prompts_file"):

@@ -16,6 +16,7 @@ Timestamps in events are ``time.monotonic_ns()``, valid across the two processes
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -46,6 +47,9 @@ class WorkerConfig:
             hung and killed (a stuck native call cannot be interrupted otherwise).
         backoff_initial_s: First restart delay after a crash; doubles up to ``backoff_max_s``.
         backoff_max_s: Cap on the restart delay.
+        cancel_grace_s: How long a cancelled generation may take to stop (the worker reads
+            the cancel between tokens, so a long native call such as prefill delays it)
+            before the worker is killed.
     """
 
     backend: str
@@ -55,6 +59,7 @@ class WorkerConfig:
     token_timeout_s: float = 60.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    cancel_grace_s: float = 2.0
 
 
 def _child_main(conn: multiprocessing.connection.Connection, config: WorkerConfig) -> None:
@@ -100,6 +105,33 @@ def _child_main(conn: multiprocessing.connection.Connection, config: WorkerConfi
         except Exception as exc:
             conn.send(("error", rid, "backend_failed", f"{type(exc).__name__}: {exc}", {}))
     backend.close()
+
+
+def _config_for_backend(config: WorkerConfig) -> WorkerConfig:
+    """Swap a known model's GGUF for the prepared format the backend loads.
+
+    ``bench --model smollm2-135m --backend onnxruntime`` resolves the name to the bundled
+    GGUF; the ONNX and LiteRT backends need the build ``agentctl models prepare`` put in the
+    model cache. A missing build becomes ``unknown_model`` with the command that makes it.
+    """
+    from backends.registry import backend_classes
+
+    cls = backend_classes()[0].get(config.backend)
+    if cls is None or config.model.format in cls.formats:
+        return config
+    from agent.errors import ModelError
+    from agent.model_cache import BACKEND_FORMAT, resolve_for_backend
+    from agent.models import KNOWN_MODELS
+
+    if config.model.name not in KNOWN_MODELS or config.backend not in BACKEND_FORMAT:
+        return config
+    try:
+        resolved = resolve_for_backend(config.model.name, config.backend, verify=False)
+    except ModelError as exc:
+        raise BackendError("unknown_model", str(exc)) from None
+    model = ModelSpec(resolved.name, resolved.path, resolved.format, resolved.sha256 or None)
+    logger.info("backend %s loads %s from %s", config.backend, resolved.format, resolved.path)
+    return dataclasses.replace(config, model=model)
 
 
 class InferenceWorker:
@@ -148,6 +180,7 @@ class InferenceWorker:
         with self._lock:
             if self.alive():
                 return self.info
+            self.config = _config_for_backend(self.config)
             delay = self._next_start_mono - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -227,6 +260,13 @@ class InferenceWorker:
             finished = False
             try:
                 while True:
+                    if deadline_mono is not None and time.monotonic() >= deadline_mono:
+                        # Checked on every message too: a worker that keeps streaming
+                        # tokens never lets poll() time out, so the deadline would be
+                        # missed until the generation ended.
+                        self._cancel_or_kill(rid)
+                        finished = True
+                        raise BackendError("deadline_exceeded", "the request deadline passed")
                     timeout = self.config.token_timeout_s
                     if deadline_mono is not None:
                         timeout = min(timeout, max(0.0, deadline_mono - time.monotonic()))
@@ -280,8 +320,9 @@ class InferenceWorker:
         logger.error("inference worker %s during a generation; it will be restarted", why)
         raise BackendError("backend_failed", f"the inference worker {why}")
 
-    def _cancel_or_kill(self, rid: int, grace_s: float = 2.0) -> None:
+    def _cancel_or_kill(self, rid: int) -> None:
         """Ask the worker to stop generating ``rid``; kill it if it does not within grace."""
+        grace_s = self.config.cancel_grace_s
         conn = self._conn
         if conn is None:
             return

@@ -1,0 +1,65 @@
+"""`agentctl models` and `agentctl bench --backend onnxruntime|tflite --model smollm2-135m`
+on the prepared builds in the test model cache (issue 4, "done means")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import main
+from tests.integration import backend_contract as c
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(autouse=True)
+def _test_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    for fmt in ("onnx", "tflite"):
+        c.prepared(fmt)  # converts once if needed, or fails loudly
+    monkeypatch.setenv("EDGELM_HOME", str(c.TEST_MODELS))
+
+
+def test_models_list_shows_prepared_builds() -> None:
+    result = CliRunner().invoke(main, ["models", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["format"]: r for r in json.loads(result.stdout)["models"]}
+    assert rows["onnx"]["prepared"] and rows["tflite"]["prepared"]
+
+
+def test_prepare_is_idempotent_and_writes_a_manifest() -> None:
+    result = CliRunner().invoke(main, ["models", "prepare", "smollm2-135m", "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    from agent.model_cache import find_prepared
+
+    found = find_prepared("smollm2-135m", "onnx")
+    assert found is not None
+    m = found.manifest
+    assert m["source_sha256"] == (
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+    assert m["tools"]["onnxruntime-genai"] and m["tools"]["transformers"].startswith("5.")
+    assert m["model_format"] == "onnx-genai" and "int4" in m["quantization"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tflite"])
+def test_bench_finds_the_prepared_format(backend: str) -> None:
+    result = CliRunner().invoke(main, [
+        "bench", "--backend", backend, "--model", "smollm2-135m", "--max-tokens", "24",
+        "--ignore-eos", "--runs", "1", "--warmup", "0", "--threads", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    run = record["runs"][0]
+    assert run["completion_tokens"] == 24 and run["prompt_tokens"] == 43
+    assert len(run["text"].split()) >= 10
+    assert record["provenance"]["threads"] == 2
+
+
+def test_bench_without_a_build_says_how_to_prepare(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: object) -> None:
+    monkeypatch.setenv("EDGELM_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, [
+        "bench", "--backend", "tflite", "--model", "smollm2-135m", "--runs", "1",
+        "--warmup", "0", "--max-tokens", "4"])
+    assert result.exit_code != 0
+    assert "agentctl models prepare smollm2-135m --format tflite" in result.output
