@@ -112,6 +112,7 @@ class _ProbeState:
     # Inside fast() windows only power sources need the high rate; the others keep their
     # base-rate reading, carried forward (see sample_once).
     gives_power: bool = False
+    samples: int = 0
     last_sample_mono: float | None = None
     last_readings: dict[str, Any] | None = None
 
@@ -313,8 +314,10 @@ class Sampler:
         for st in self._states:
             if not st.availability.ok:
                 continue
-            if (fast and not st.gives_power and st.last_readings is not None
-                    and st.last_sample_mono is not None
+            # A rate-based power source (the estimate probe) reports no power on its first
+            # sample, so a probe counts as "no power" only after two samples without any.
+            if (fast and not st.gives_power and st.samples >= 2
+                    and st.last_readings is not None and st.last_sample_mono is not None
                     and t_mono - st.last_sample_mono < self._base_interval_s * 0.95):
                 # Energy windows need power at >= 10 Hz, not CPU or thermal readings: sampling
                 # every probe that fast cost ~3 % of a core on a 2-core board (measured by
@@ -339,6 +342,7 @@ class Sampler:
             power.extend(pw)
             st.last_readings = as_dict
             st.last_sample_mono = t_mono
+            st.samples += 1
             st.gives_power = st.gives_power or bool(pw)
             if st.consecutive_errors:
                 with self._data_lock:

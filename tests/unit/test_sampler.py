@@ -272,16 +272,42 @@ def test_fast_windows_sample_only_power_sources_at_the_high_rate() -> None:
     power, plain = CountingProbe(), PlainProbe()
     s = Sampler([power, plain], interval_s=1.0, clock=clock)
     s.sample_once()
+    clock.t += 1.0
+    s.sample_once()  # two samples without power: "plain" is not a power source
     with s.fast(0.1):
         for _ in range(9):
             clock.t += 0.1
             snap = s.sample_once()
-            assert snap.readings["plain"] == {"n": 1}  # carried forward, not re-sampled
+            assert snap.readings["plain"] == {"n": 2}  # carried forward, not re-sampled
         clock.t += 0.1
         snap = s.sample_once()
-    assert power.n == 11  # every tick
-    assert plain.n == 2  # once per base interval
-    assert snap.readings["plain"] == {"n": 2}
+    assert power.n == 12  # every tick
+    assert plain.n == 3  # once per base interval
+    assert snap.readings["plain"] == {"n": 3}
     clock.t += 1.0
     s.sample_once()
-    assert plain.n == 3  # outside fast windows every probe is sampled every tick
+    assert plain.n == 4  # outside fast windows every probe is sampled every tick
+
+
+class LateRateProbe(PlainProbe):
+    """Like the estimate probe: a rate, so its first sample has no power yet."""
+
+    name = "late"
+
+    def power(self, readings: Any) -> list[PowerReading]:
+        if readings.n < 2:
+            return []
+        return [PowerReading("late:est", PowerCoverage.ESTIMATE, 5000.0)]
+
+
+def test_a_rate_based_power_source_is_not_mistaken_for_a_plain_probe() -> None:
+    clock = FakeClock()
+    late = LateRateProbe()
+    s = Sampler([late], interval_s=1.0, clock=clock)
+    s.sample_once()
+    with s.fast(0.1):
+        for _ in range(5):
+            clock.t += 0.1
+            snap = s.sample_once()
+    assert late.n == 6
+    assert snap.power and snap.power[0].power_mw == 5000.0
