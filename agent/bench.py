@@ -408,6 +408,9 @@ def paper_metrics(record: dict[str, Any], config: BenchConfig) -> dict[str, Any]
         "u": u,
         "energy_per_response_mj": energy,
         "energy_sources": sources,
+        "energy_estimated": any(
+            (((r.get("energy") or {}).get("total") or {}).get("estimated") is True)
+            for r in record["runs"]),
         "cpr_basis": "edge_energy",
         "cpr_cents": cpr,
         "pcr": pcr_value,

@@ -300,14 +300,20 @@ def render_table_one(rows: list[dict[str, Any]]) -> str:
     head = (f"{'configuration':<28}{'Q':>7}{'R':>7}{'U':>7}{'TTFT ms':>10}{'TGS tok/s':>11}"
             f"{'E/resp J':>10}{'CPR ¢':>12}{'PCR':>10}")
     out = [head, "-" * len(head)]
+    estimated = False
     for r in rows:
         e = r.get("energy_per_response_mj")
+        mark = "*" if r.get("energy_estimated") and e is not None else ""
+        estimated = estimated or bool(mark)
         out.append(
             f"{r['label']:<28}{_fmt(r.get('q'), 3):>7}{_fmt(r.get('r'), 3):>7}"
             f"{_fmt(r.get('u'), 3):>7}{_fmt(r.get('ttft_ms')):>10}{_fmt(r.get('tgs')):>11}"
-            f"{_fmt(e / 1000 if e is not None else None, 2):>10}"
+            f"{_fmt(e / 1000 if e is not None else None, 2) + mark:>10}"
             f"{_fmt(r.get('cpr_cents'), 6):>12}{_fmt(r.get('pcr'), 1):>10}"
         )
+    if estimated:
+        out.append("* energy ESTIMATED from the configured power model (no power sensor); "
+                   "CPR and PCR inherit that")
     return "\n".join(out)
 
 
@@ -339,6 +345,7 @@ def bench_compare(ctx: click.Context, targets: tuple[str, ...], as_json: bool) -
                      "q": p["q"], "r": p["r"], "u": p["u"], "ttft_ms": p["ttft_ms"],
                      "tgs": (record["summary"].get("decode_tok_s") or {}).get("mean"),
                      "energy_per_response_mj": p["energy_per_response_mj"],
+                     "energy_estimated": p.get("energy_estimated", False),
                      "cpr_basis": p.get("cpr_basis"), "cpr_cents": p["cpr_cents"],
                      "pcr": p["pcr"], "reasons": p["reasons"]})
     cloud = [r for r in rows if r.get("cpr_basis") == "cloud_tokens" and r.get("cpr_cents")]
