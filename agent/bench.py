@@ -256,6 +256,10 @@ class _Bench:
         before = device_state(self._snapshot())
         self.procs.sample()
         with self.sampler.fast(self.c.sample_interval_s):
+            # Let the high-rate samples start before the request window opens: the last 1 Hz
+            # sample is up to a second old, and a window whose start falls in that gap loses
+            # coverage (short requests then got no energy at all).
+            time.sleep(2 * self.c.sample_interval_s)
             result = run_generation(self.worker, request)
             energy = self._energy(result)
         cpu_pct = self.procs.sample().processes["worker"].cpu_pct
