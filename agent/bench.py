@@ -230,7 +230,10 @@ class _Bench:
         self.notes: list[str] = []
 
     def _snapshot(self) -> Snapshot:
-        return self.sampler.sample_once()
+        # The sampler thread owns the probes (rate probes keep state between samples and are
+        # not thread-safe): read its latest tick instead of sampling from this thread.
+        latest = self.sampler.latest()
+        return latest if latest is not None else self.sampler.sample_once()
 
     def cooldown(self) -> dict[str, Any] | None:
         if self.c.cooldown_c is None:
