@@ -96,7 +96,6 @@ def daemon_config_from(explicit: str | None, flags: Mapping[str, Any],
     Raises:
         ConfigError: Naming the file/flag and key. ModelError: the model cannot be resolved.
     """
-    from agent.admission import AdmissionConfig
     from agent.daemon import DaemonConfig, default_state_dir
     from agent.models import resolve_model
     from agent.outbox import OutboxConfig
@@ -127,12 +126,7 @@ def daemon_config_from(explicit: str | None, flags: Mapping[str, Any],
         context_tokens=cfg.model.context_tokens,
         telemetry_interval_s=cfg.telemetry.interval_s, probe_root=cfg.telemetry.probe_root,
         probe_names=cfg.telemetry.probes or None,
-        admission=AdmissionConfig(
-            queue_size=a.queue_size, concurrency=a.concurrency,
-            max_payload_bytes=a.max_payload_bytes, rate_limit=a.rate_limit,
-            rate_window_s=a.rate_window_s, default_deadline_ms=a.default_deadline_ms,
-            idempotency_ttl_s=a.idempotency_ttl_s,
-            idempotency_max_entries=a.idempotency_max_entries),
+        admission=a,
         outbox=OutboxConfig(max_bytes=o.max_bytes, ttl_s=o.ttl_s, drop_policy=o.drop_policy,
                             replay_rate_per_s=o.replay_rate_per_s,
                             inflight_window=o.inflight_window, synchronous=o.synchronous),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.admission import AdmissionConfig as AdmissionSection  # one definition: [admission]
 from agent.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/edgelm/agent.toml")
@@ -69,20 +70,6 @@ class ModelSection:
     name: str = "smollm2-135m"
     threads: str = "auto"
     context_tokens: int = 2048
-
-
-@dataclass(frozen=True)
-class AdmissionSection:
-    """``[admission]``: queue, concurrency, limits (see :mod:`agent.admission`)."""
-
-    queue_size: int = 16
-    concurrency: int = 1
-    max_payload_bytes: int = 256 * 1024
-    rate_limit: int = 0
-    rate_window_s: float = 60.0
-    default_deadline_ms: int = 0
-    idempotency_ttl_s: float = 600.0
-    idempotency_max_entries: int = 10_000
 
 
 @dataclass(frozen=True)
