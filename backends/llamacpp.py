@@ -29,11 +29,10 @@ from backends.base import (
     BackendOptions,
     GenerationRequest,
     ModelSpec,
-    StopMatcher,
     TokenEvent,
-    Utf8StreamDecoder,
     sha256_file,
 )
+from backends.streaming import check_context, token_events
 
 logger = logging.getLogger(__name__)
 
@@ -157,17 +156,8 @@ class LlamaCppBackend(Backend):
 
         llm = self._llm
         tokens = self._prompt_tokens(request)
-        n_ctx = int(llm.n_ctx())
         n_prompt = len(tokens)
-        if n_prompt == 0:
-            raise BackendError("bad_request", "the prompt is empty after tokenization")
-        if n_prompt >= n_ctx:
-            raise BackendError(
-                "context_overflow",
-                f"prompt has {n_prompt} tokens; the context holds {n_ctx}",
-                {"prompt_tokens": n_prompt, "context_tokens": n_ctx},
-            )
-        max_tokens = min(request.max_tokens, n_ctx - n_prompt)
+        max_tokens = check_context(n_prompt, int(llm.n_ctx()), request.max_tokens)
         extra = self._options.extra if self._options else {}
         if not extra.get("prompt_cache", False):
             llm.reset()
@@ -185,67 +175,30 @@ class LlamaCppBackend(Backend):
         if request.seed is not None:
             llm.set_seed(request.seed)
 
-        decoder = Utf8StreamDecoder()
-        stopper = StopMatcher(request.stop)
-        generated: list[int] = []
-        finish: str = "length"
-        prefill_start_ns = time.monotonic_ns()
-        first = True
-        try:
+        history = list(tokens)
+
+        def token_bytes(token: int) -> bytes:
+            # prev_tokens lets SentencePiece vocabularies keep the leading space of a piece
+            piece = bytes(llm.detokenize([token], prev_tokens=history))
+            history.append(token)
+            return piece
+
+        def sampled() -> Iterator[tuple[int, int]]:
             for token in llm.generate(
-                tokens,
-                temp=request.temperature,
-                top_k=request.top_k,
-                top_p=request.top_p,
-                min_p=0.0,
-                repeat_penalty=1.0,
-                reset=True,
-                logits_processor=logits_processor,
+                tokens, temp=request.temperature, top_k=request.top_k, top_p=request.top_p,
+                min_p=0.0, repeat_penalty=1.0, reset=True, logits_processor=logits_processor,
             ):
-                t_ns = time.monotonic_ns()
-                if token in self._eog_ids and not request.ignore_eos:
-                    finish = "stop"
-                    break
-                generated.append(int(token))
-                piece = bytes(llm.detokenize([token], prev_tokens=tokens + generated[:-1]))
-                text, stopped = stopper.feed(decoder.feed(piece))
-                yield TokenEvent(
-                    token_ids=(int(token),),
-                    text=text,
-                    t_ns=t_ns,
-                    prompt_tokens=n_prompt if first else None,
-                    prefill_start_ns=prefill_start_ns if first else None,
-                )
-                first = False
-                if stopped:
-                    finish = "stop"
-                    break
-                if len(generated) >= max_tokens:
-                    finish = "length"
-                    break
-        except BackendError:
-            raise
-        except Exception as exc:
-            raise BackendError("backend_failed", f"llama.cpp generation failed: {exc}") from exc
-        tail = ""
-        if finish != "stop":
-            rest, hit = stopper.feed(decoder.flush())
-            tail = rest if hit else rest + stopper.flush()
-        perf = llama_cpp.llama_perf_context(llm.ctx)
-        yield TokenEvent(
-            text=tail,
-            t_ns=time.monotonic_ns(),
-            final=True,
-            prompt_tokens=n_prompt,
-            completion_tokens=len(generated),
-            finish_reason=finish,  # type: ignore[arg-type]
-            engine={
-                "engine": "llama.cpp",
-                "t_p_eval_ms": float(perf.t_p_eval_ms),
-                "n_p_eval": int(perf.n_p_eval),
-                "t_eval_ms": float(perf.t_eval_ms),
-                "n_eval": int(perf.n_eval),
-            },
+                yield int(token), time.monotonic_ns()
+
+        def counters() -> dict[str, Any]:
+            perf = llama_cpp.llama_perf_context(llm.ctx)
+            return {"t_p_eval_ms": float(perf.t_p_eval_ms), "n_p_eval": int(perf.n_p_eval),
+                    "t_eval_ms": float(perf.t_eval_ms), "n_eval": int(perf.n_eval)}
+
+        yield from token_events(
+            sampled(), request=request, token_bytes=token_bytes, eog_ids=self._eog_ids,
+            n_prompt=n_prompt, max_tokens=max_tokens, prefill_start_ns=time.monotonic_ns(),
+            engine_counters=counters, engine_name="llama.cpp",
         )
 
     def info(self) -> dict[str, Any]:
