@@ -321,7 +321,7 @@ class Sampler:
                     and t_mono - st.last_sample_mono < self._base_interval_s * 0.95):
                 # Energy windows need power at >= 10 Hz, not CPU or thermal readings: sampling
                 # every probe that fast cost ~3 % of a core on a 2-core board (measured by
-                # benchmarks/probes.py) and slowed the very inference being measured.
+                # benchmarks/sampler_cost.py) and slowed the very inference being measured.
                 readings[st.key] = st.last_readings
                 continue
             try:

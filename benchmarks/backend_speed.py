@@ -6,7 +6,7 @@ engine loop in a fresh process (no worker, no events) — the ratio agent ÷ raw
 overhead (goal ≥ 0.98). Then an RSS check: the worker's RSS after 20 and after N sequential
 requests (issue 4: within 5 %).
 
-    .venv/bin/python benchmarks/backends.py [--threads 2] [--runs 3] [--rss-requests 300]
+    .venv/bin/python benchmarks/backend_speed.py [--threads 2] [--runs 3] [--rss-requests 300]
         [--backends llamacpp,onnxruntime,tflite,openai] [--rss-backends llamacpp] [--json]
 
 ONNX and TFLite need `agentctl models prepare smollm2-135m --format onnx|tflite` (the model
@@ -28,15 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Running this file puts benchmarks/ first on sys.path, where this module would shadow the
-# `backends` package: replace that entry with the repository root.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from agent.bench import DEFAULT_MESSAGES  # noqa: E402
-from agent.generation import run_generation  # noqa: E402
-from agent.model_cache import resolve_for_backend  # noqa: E402
-from agent.worker import InferenceWorker, WorkerConfig  # noqa: E402
-from backends.base import BackendOptions, GenerationRequest, ModelSpec  # noqa: E402
+from agent.bench import DEFAULT_MESSAGES
+from agent.generation import run_generation
+from agent.model_cache import resolve_for_backend
+from agent.worker import InferenceWorker, WorkerConfig
+from backends.base import BackendOptions, GenerationRequest, ModelSpec
 
 MAX_TOKENS = 64
 

@@ -8,7 +8,7 @@
    sampler running at 10 Hz vs not running, as a ratio (goal >= 0.99). Runs alternate
    on/off/off/on so slow drift on a shared machine hits both alike; medians are compared.
 
-    .venv/bin/python benchmarks/probes.py [--ticks 2000] [--runs 6] [--threads 2]
+    .venv/bin/python benchmarks/sampler_cost.py [--ticks 2000] [--runs 6] [--threads 2]
                                           [--max-tokens 64] [--hz 10] [--skip-model]
 """
 
@@ -22,11 +22,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-# This file is named probes.py: run as a script, its folder comes first on sys.path and would
-# shadow the `probes` package. Drop it (python -m benchmarks.probes needs no such fix).
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 from agent.sampler import Sampler
 from probes.base import Probe
