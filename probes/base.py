@@ -19,10 +19,13 @@ import dataclasses
 import enum
 import errno
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,41 @@ class SysfsReader:
             return sorted(base.glob(pattern))
         except OSError:
             return []
+
+
+class LayoutCache(Generic[_T]):
+    """A discovered sysfs layout (which files to read), rebuilt only now and then.
+
+    Discovery (globbing ``/sys/class/hwmon``, reading every I2C device's ``name``) costs far
+    more than reading the values it finds: on a Jetson it was most of a tick. Hotplug is rare
+    (an NVMe drive, a USB power meter), so the layout is kept for ``max_age_s`` and rebuilt
+    sooner only when a probe calls :meth:`invalidate` because a cached file vanished.
+
+    Args:
+        discover: Builds the layout; called lazily on the first :meth:`get`.
+        max_age_s: Age after which the next :meth:`get` rediscovers, s.
+        clock: Monotonic clock, s.
+    """
+
+    def __init__(self, discover: Callable[[], _T], max_age_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._discover = discover
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._value: _T | None = None
+        self._built_at = 0.0
+
+    def get(self) -> _T:
+        """The cached layout, rediscovered when stale or invalidated."""
+        now = self._clock()
+        if self._value is None or now - self._built_at >= self._max_age_s:
+            self._value = self._discover()
+            self._built_at = now
+        return self._value
+
+    def invalidate(self) -> None:
+        """Forget the layout; the next :meth:`get` rediscovers it."""
+        self._value = None
 
 
 class Probe(abc.ABC):

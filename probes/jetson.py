@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from probes.base import Availability, PowerCoverage, PowerReading, Probe
+from probes.base import Availability, LayoutCache, PowerCoverage, PowerReading, Probe
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,22 @@ class JetsonReadings:
     gpu_min_freq_hz: int | None
     gpu_max_freq_hz: int | None
     gpu_governor: str | None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the sysfs path reads each tick, and the static identity.
+
+    Attributes:
+        rails: (label, voltage file, current file, power file or "", is_iio).
+        gpu: Machine path of the iGPU devfreq node, or None.
+        model / l4t_release: Board identity (does not change while running).
+    """
+
+    rails: tuple[tuple[str, str, str, str, bool], ...]
+    gpu: str | None
+    model: str | None
+    l4t_release: str | None
 
 
 class JtopClient(Protocol):
@@ -166,6 +182,7 @@ class JetsonProbe(Probe):
         retry_initial_s: First delay before retrying an unavailable jtop service, s.
         retry_max_s: Longest retry delay, s.
         clock: Monotonic clock, s.
+        rediscover_s: How long the discovered rail files and devfreq node are trusted, s.
     """
 
     name = "jetson"
@@ -179,6 +196,7 @@ class JetsonProbe(Probe):
         retry_initial_s: float = 5.0,
         retry_max_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        rediscover_s: float = 60.0,
     ) -> None:
         super().__init__(root)
         self._use_jtop = use_jtop
@@ -191,6 +209,7 @@ class JetsonProbe(Probe):
         self._backoff_s = retry_initial_s
         self._jtop_reason = ""
         self._jtop_missing = False
+        self._layout = LayoutCache(self._discover, max_age_s=rediscover_s, clock=clock)
 
     # -- identity and discovery --------------------------------------------------------------
 
@@ -206,40 +225,53 @@ class JetsonProbe(Probe):
                 out.append(path)
         return out
 
-    def _sysfs_rails(self) -> dict[str, JetsonRail]:
-        rails: dict[str, JetsonRail] = {}
+    def _discover(self) -> _Layout:
+        """Find the rail files, the iGPU devfreq node and the board identity (static facts).
+
+        Walking ``/sys/bus/i2c/devices`` reads every device's ``name``; done once per layout,
+        not per tick.
+        """
+        rails: list[tuple[str, str, str, str, bool]] = []
         for dev in self._ina_devices("ina3221"):
             for hw in self.fs.glob(f"{dev}/hwmon", "hwmon*"):
                 h = self.fs.machine_path(hw)
                 for ch in (1, 2, 3):
                     label = self.fs.read_text(f"{h}/in{ch}_label")
-                    if label is None or not _is_rail_label(label):
-                        continue
-                    mv = self.fs.read_int(f"{h}/in{ch}_input")
-                    ma = self.fs.read_int(f"{h}/curr{ch}_input")
-                    mw = mv * ma / 1000.0 if mv is not None and ma is not None else None
-                    rails[label] = JetsonRail(
-                        float(mv) if mv is not None else None,
-                        float(ma) if ma is not None else None,
-                        mw,
-                    )
+                    if label is not None and _is_rail_label(label):
+                        rails.append((label, f"{h}/in{ch}_input", f"{h}/curr{ch}_input", "",
+                                      False))
         for dev in self._ina_devices("ina3221x"):
             for iio in self.fs.glob(dev, "iio:device*"):
                 d = self.fs.machine_path(iio)
                 for rn in self.fs.glob(d, "rail_name_*"):
                     n = rn.name.rsplit("_", 1)[-1]
                     label = self.fs.read_text(f"{d}/rail_name_{n}")
-                    if label is None or not _is_rail_label(label):
-                        continue
-                    mw_i = self.fs.read_int(f"{d}/in_power{n}_input")
-                    ma_i = self.fs.read_int(f"{d}/in_current{n}_input")
-                    mv_i = self.fs.read_int(f"{d}/in_voltage{n}_input")
-                    rails[label] = JetsonRail(
-                        float(mv_i) if mv_i is not None else None,
-                        float(ma_i) if ma_i is not None else None,
-                        float(mw_i) if mw_i is not None else None,
-                    )
-        return rails
+                    if label is not None and _is_rail_label(label):
+                        rails.append((label, f"{d}/in_voltage{n}_input",
+                                      f"{d}/in_current{n}_input", f"{d}/in_power{n}_input", True))
+        return _Layout(
+            rails=tuple(rails),
+            gpu=self._gpu_devfreq(),
+            model=self._model(),
+            l4t_release=parse_l4t_release(self.fs.read_text("/etc/nv_tegra_release")),
+        )
+
+    def _sysfs_rails(self) -> dict[str, JetsonRail]:
+        """Rails from the cached layout: hwmon gives mV and mA (power = V x I), iio gives mW."""
+        out: dict[str, JetsonRail] = {}
+        for label, mv_path, ma_path, mw_path, iio in self._layout.get().rails:
+            mv = self.fs.read_int(mv_path)
+            ma = self.fs.read_int(ma_path)
+            if iio:
+                mw_i = self.fs.read_int(mw_path)
+                mw = float(mw_i) if mw_i is not None else None
+            else:
+                mw = mv * ma / 1000.0 if mv is not None and ma is not None else None
+            if mv is None and ma is None and not self.fs.exists(mv_path):
+                self._layout.invalidate()  # the device went away: rediscover next tick
+            out[label] = JetsonRail(float(mv) if mv is not None else None,
+                                    float(ma) if ma is not None else None, mw)
+        return out
 
     def _gpu_devfreq(self) -> str | None:
         for dev in self.fs.glob("/sys/class/devfreq", "*"):
@@ -332,11 +364,12 @@ class JetsonProbe(Probe):
             rails = self._sysfs_rails()
             backend = "sysfs"
         total, total_source = _total(rails)
-        gpu = self._gpu_devfreq()
+        layout = self._layout.get()
+        gpu = layout.gpu
         load = self.fs.read_int(f"{gpu}/device/load") if gpu else None
         return JetsonReadings(
-            model=self._model(),
-            l4t_release=parse_l4t_release(self.fs.read_text("/etc/nv_tegra_release")),
+            model=layout.model,
+            l4t_release=layout.l4t_release,
             backend=backend,
             backend_reason=self._jtop_reason,
             rails=rails,

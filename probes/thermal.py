@@ -27,6 +27,7 @@ down) gives None. Tegra kernels report -256000 for zones whose sensor is off; an
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from probes.base import Availability, Probe
+from probes.base import Availability, LayoutCache, Probe
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,19 @@ def _mc_to_c(value: int | None) -> float | None:
     return value / 1000.0
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What to read each tick.
+
+    Attributes:
+        zones: (key, zone directory name, machine path of ``temp``).
+        channels: (chip key, channel label, machine path of ``temp<i>_input``, max_c, crit_c).
+    """
+
+    zones: tuple[tuple[str, str, str], ...]
+    channels: tuple[tuple[str, str, str, float | None, float | None], ...]
+
+
 class ThermalProbe(Probe):
     """Thermal zones by type and hwmon temperatures by chip name.
 
@@ -100,6 +114,8 @@ class ThermalProbe(Probe):
         hwmon_names: Only these hwmon chip names (all when None).
         ignore_types: Zone types not reported. Default: Jetson's ``PMIC-Die``, which reports a
             fixed 100 degrees C and is not a measurement.
+        rediscover_s: How long the discovered list of files is trusted before it is rebuilt
+            (sooner when a file vanishes), s.
     """
 
     name = "thermal"
@@ -110,10 +126,12 @@ class ThermalProbe(Probe):
         *,
         hwmon_names: Sequence[str] | None = None,
         ignore_types: Sequence[str] = ("PMIC-Die",),
+        rediscover_s: float = 60.0,
     ) -> None:
         super().__init__(root)
         self._hwmon_names = set(hwmon_names) if hwmon_names is not None else None
         self._ignore = set(ignore_types)
+        self._layout = LayoutCache(self._discover, max_age_s=rediscover_s)
 
     def check(self) -> Availability:
         """Available when at least one zone or hwmon temperature channel exists."""
@@ -128,43 +146,75 @@ class ThermalProbe(Probe):
         return Availability(True)
 
     def sample(self) -> ThermalReadings:
-        """Read every zone and hwmon temperature channel; unreadable values are None."""
-        zones: dict[str, ZoneReading] = {}
+        """Read every zone and hwmon temperature channel; unreadable values are None.
+
+        Which files to read comes from a cached layout (:class:`probes.base.LayoutCache`):
+        only the ``temp``/``temp<i>_input`` files are read each tick. A file that vanished
+        (ENOENT: a hot-unplugged drive) makes the next tick rediscover.
+        """
+        layout = self._layout.get()
+        vanished = False
+
+        def temp(path: str) -> float | None:
+            nonlocal vanished
+            text, err = self.fs.read_text_or_errno(path)
+            if err == errno.ENOENT:
+                vanished = True
+            try:
+                return _mc_to_c(int(text.split()[0])) if text else None
+            except ValueError:
+                return None
+
+        zones = {key: ZoneReading(zone=zone, temp_c=temp(path)) for key, zone, path in layout.zones}
+        hwmon: dict[str, dict[str, HwmonTempReading]] = {}
+        for chip, label, path, max_c, crit_c in layout.channels:
+            hwmon.setdefault(chip, {})[label] = HwmonTempReading(temp(path), max_c, crit_c)
+        if vanished:
+            self._layout.invalidate()
+        temps = [z.temp_c for z in zones.values() if z.temp_c is not None]
+        temps += [c.temp_c for ch in hwmon.values() for c in ch.values() if c.temp_c is not None]
+        return ThermalReadings(zones=zones, hwmon=hwmon, max_temp_c=max(temps) if temps else None)
+
+    def _discover(self) -> _Layout:
+        """Find the zones and channels to read, with their stable keys and static limits."""
+        zones: list[tuple[str, str, str]] = []
+        seen: dict[str, None] = {}
         for zdir in self.fs.glob("/sys/class/thermal", "thermal_zone*"):
             zpath = self.fs.machine_path(zdir)
             ztype = self.fs.read_text(f"{zpath}/type") or zdir.name
             if ztype in self._ignore:
                 continue
-            zones[_unique(zones, ztype)] = ZoneReading(
-                zone=zdir.name, temp_c=_mc_to_c(self.fs.read_int(f"{zpath}/temp"))
-            )
+            key = _unique(seen, ztype)
+            seen[key] = None
+            zones.append((key, zdir.name, f"{zpath}/temp"))
 
-        chips: list[tuple[str, str, dict[str, HwmonTempReading]]] = []
+        chips: list[tuple[str, str, list[tuple[str, str, float | None, float | None]]]] = []
         for hdir in self._hwmon_dirs():
             hpath = self.fs.machine_path(hdir)
             name = self.fs.read_text(f"{hpath}/name") or hdir.name
             if self._hwmon_names is not None and name not in self._hwmon_names:
                 continue
-            channels: dict[str, HwmonTempReading] = {}
+            labels: dict[str, None] = {}
+            channels = []
             for idx in self._temp_channels(hdir):
-                label = self.fs.read_text(f"{hpath}/temp{idx}_label") or f"temp{idx}"
-                channels[_unique(channels, label)] = HwmonTempReading(
-                    temp_c=_mc_to_c(self.fs.read_int(f"{hpath}/temp{idx}_input")),
-                    max_c=_mc_to_c(self.fs.read_int(f"{hpath}/temp{idx}_max")),
-                    crit_c=_mc_to_c(self.fs.read_int(f"{hpath}/temp{idx}_crit")),
-                )
+                label = _unique(labels, self.fs.read_text(f"{hpath}/temp{idx}_label")
+                                or f"temp{idx}")
+                labels[label] = None
+                # Limits are trip points set by the driver or firmware: read once per layout.
+                channels.append((label, f"{hpath}/temp{idx}_input",
+                                 _mc_to_c(self.fs.read_int(f"{hpath}/temp{idx}_max")),
+                                 _mc_to_c(self.fs.read_int(f"{hpath}/temp{idx}_crit"))))
             if channels:
                 chips.append((name, self._device_id(hdir), channels))
 
         names = [c[0] for c in chips]
-        hwmon: dict[str, dict[str, HwmonTempReading]] = {}
+        keys: dict[str, None] = {}
+        flat: list[tuple[str, str, str, float | None, float | None]] = []
         for name, device, channels in chips:
-            key = name if names.count(name) == 1 else f"{name}@{device}"
-            hwmon[_unique(hwmon, key)] = channels
-
-        temps = [z.temp_c for z in zones.values() if z.temp_c is not None]
-        temps += [c.temp_c for ch in hwmon.values() for c in ch.values() if c.temp_c is not None]
-        return ThermalReadings(zones=zones, hwmon=hwmon, max_temp_c=max(temps) if temps else None)
+            key = _unique(keys, name if names.count(name) == 1 else f"{name}@{device}")
+            keys[key] = None
+            flat += [(key, *ch) for ch in channels]
+        return _Layout(zones=tuple(zones), channels=tuple(flat))
 
     def _hwmon_dirs(self) -> list[Path]:
         return self.fs.glob("/sys/class/hwmon", "hwmon*")

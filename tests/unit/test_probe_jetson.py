@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,16 @@ def test_jtop_not_installed_is_plain_sysfs() -> None:
     r = probe.sample()
     assert r.backend == "sysfs" and r.backend_reason == ""
     assert not probe.check().degraded
+
+
+def test_rail_layout_cached_values_fresh_and_unplug_rediscovered(tmp_path: Path) -> None:
+    root = copy_fixture("jetson-orin-nano-jp6", tmp_path)
+    probe = JetsonProbe(root, use_jtop=False)
+    hw = root / "sys/bus/i2c/devices/1-0040/hwmon/hwmon1"
+    assert probe.sample().rails["VDD_IN"].power_mw == pytest.approx(5016 * 1384 / 1000)
+    write(root, "/sys/bus/i2c/devices/1-0040/hwmon/hwmon1/curr1_input", "2000")
+    assert probe.sample().rails["VDD_IN"].power_mw == pytest.approx(5016 * 2000 / 1000)
+    shutil.rmtree(hw)
+    gone = probe.sample()
+    assert gone.rails["VDD_IN"].power_mw is None and gone.total_power_mw is None
+    assert probe.sample().rails == {}  # rediscovered: no rails left, not stale ones

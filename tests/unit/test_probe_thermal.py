@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from sysfs_fixtures import DenyingReader, copy_fixture, fixture_root, write
@@ -65,3 +66,27 @@ def test_malformed(tmp_path: Path) -> None:
 
 def test_first_sample_is_complete() -> None:
     assert ThermalProbe(fixture_root("rpi4")).sample().zones["cpu-thermal"].temp_c == 61.835
+
+
+def test_layout_is_discovered_once_values_every_tick(tmp_path: Path) -> None:
+    root = copy_fixture("rpi5", tmp_path)
+    probe = ThermalProbe(root)
+    first = probe.sample()
+    write(root, "/sys/class/thermal/thermal_zone0/temp", "71500")
+    write(root, "/sys/class/thermal/thermal_zone9/type", "gpu-thermal")
+    write(root, "/sys/class/thermal/thermal_zone9/temp", "50000")
+    second = probe.sample()
+    assert second.zones["cpu-thermal"].temp_c == 71.5  # values are read every tick
+    assert second.zones.keys() == first.zones.keys()  # the layout is not re-globbed per tick
+    assert ThermalProbe(root, rediscover_s=0).sample().zones["gpu-thermal"].temp_c == 50.0
+
+
+def test_vanished_zone_is_none_then_dropped(tmp_path: Path) -> None:
+    root = copy_fixture("rpi5", tmp_path)
+    write(root, "/sys/class/thermal/thermal_zone9/type", "gpu-thermal")
+    write(root, "/sys/class/thermal/thermal_zone9/temp", "50000")
+    probe = ThermalProbe(root)
+    assert probe.sample().zones["gpu-thermal"].temp_c == 50.0
+    shutil.rmtree(root / "sys/class/thermal/thermal_zone9")
+    assert probe.sample().zones["gpu-thermal"].temp_c is None  # the tick it vanished
+    assert "gpu-thermal" not in probe.sample().zones  # rediscovered on the next tick
