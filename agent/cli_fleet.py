@@ -145,13 +145,25 @@ def fleet_cmd(db: str, fleet: str | None, as_json: bool) -> None:
               help="USD per million completion tokens.")
 @click.option("--price-per-kwh", type=float, default=0.25, show_default=True)
 @click.option("--seed", type=int, default=None)
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Outbox of accounting records and their sequence counter (default: the "
+                   "agent's state directory + router/ROUTER_ID); one router per directory.")
+@click.option("--db", default=None,
+              help="The collector's database: preload each device's measured decode tok/s "
+                   "(latest bench record, else recent results) at start.")
 def route(broker: str, fleet: str, router_id: str, policy: str, http_port: int, no_http: bool,
           window_s: float, window_requests: int | None, window_tokens: int | None,
           max_wait_s: float, max_outstanding: int, attempt_timeout: float, max_attempts: int,
           cloud_url: str | None, cloud_model: str | None, cloud_key_env: str | None,
           cloud_price_in: float, cloud_price_out: float, price_per_kwh: float,
-          seed: int | None) -> None:
-    """Edge-first router: MQTT and OpenAI-compatible HTTP in, devices or the cloud out."""
+          seed: int | None, state_dir: str | None, db: str | None) -> None:
+    """Edge-first router: MQTT and OpenAI-compatible HTTP in, devices or the cloud out.
+
+    Every request's accounting record is committed to an on-disk outbox before the client
+    gets its answer, then published for the collector: a broker outage or a crash of the
+    router loses none.
+    """
+    from agent.daemon import default_state_dir
     from agent.fleet.cloud import CloudConfig
     from agent.fleet.ratelimit import WindowLimits
     from agent.fleet.router import RouterConfig, serve
@@ -172,6 +184,8 @@ def route(broker: str, fleet: str, router_id: str, policy: str, http_port: int, 
         cloud=CloudConfig(cloud_url, cloud_model, cloud_key_env, cloud_price_in,
                           cloud_price_out) if cloud_url else None,
         price_per_kwh=price_per_kwh, http_port=None if no_http else http_port, seed=seed,
+        state_dir=Path(state_dir) if state_dir else default_state_dir() / "router" / router_id,
+        db=db,
     )
     stop = _stop_on_signals()
 
@@ -179,9 +193,14 @@ def route(broker: str, fleet: str, router_id: str, policy: str, http_port: int, 
         where = f"http://127.0.0.1:{router.http_port}/v1" if router.http_port else "no HTTP"
         click.echo(f"routing fleet {fleet} ({policy}); MQTT {router.ingress_topic}; {where}",
                    err=True)
+        click.echo(f"state {router.state_dir}: {router.backlog_at_start} accounting "
+                   f"record(s) from before to deliver; speeds preloaded for "
+                   f"{len(router.preloaded)} device(s)", err=True)
 
     try:
         serve(config, _broker(broker), stop, on_ready=ready)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
     except OSError as exc:
         _fail(f"cannot start the router: {exc}", EXIT_CONFIG)
 

@@ -282,3 +282,62 @@ def fleet_view(store: FleetStore, fleet: str | None = None, recent: int = 20
             "recent_results": len(recent_rows),
         })
     return out
+
+
+def measured_speeds(store: FleetStore, fleet: str | None = None, recent: int = 20
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """Each device's measured speeds as stored: what a restarted router starts from.
+
+    Per device, newest first: the most recent bench record per ``(backend, model)`` with a
+    measured decode speed (``source: "bench"``); a device with no such record gets one entry
+    from its last ``recent`` successful results instead (``source: "results"``: the median
+    decode and prefill tok/s, which a few slow requests on a busy device do not drag down the
+    way a mean would).
+    """
+    where = " AND fleet = ?" if fleet else ""
+    params: tuple[Any, ...] = (fleet,) if fleet else ()
+    out: dict[str, list[dict[str, Any]]] = {}
+    seen: set[tuple[str, Any, Any]] = set()
+    for dev, backend, model, decode, prefill, ts in store.query(
+            "SELECT device, backend, model, decode_tok_s, prefill_tok_s, ts_ms FROM bench "
+            f"WHERE decode_tok_s > 0{where} ORDER BY ts_ms DESC", params):
+        if (dev, backend, model) in seen:
+            continue
+        seen.add((dev, backend, model))
+        out.setdefault(dev, []).append({
+            "source": "bench", "backend": backend, "model": model,
+            "decode_tok_s": float(decode),
+            "prefill_tok_s": float(prefill) if prefill else None, "ts_ms": ts})
+    devices = [r[0] for r in store.query(
+        f"SELECT DISTINCT device FROM results WHERE decode_tok_s > 0{where}", params)]
+    for dev in devices:
+        if dev in out:
+            continue
+        rows = store.query(
+            "SELECT decode_tok_s, payload, ts_ms FROM results WHERE device = ? AND status = 'ok' "
+            "AND decode_tok_s > 0 ORDER BY ts_ms DESC LIMIT ?", (dev, recent))
+        if not rows:
+            continue
+        prefills: list[float] = []
+        served: dict[str, Any] = {}
+        for _, payload, _ in rows:
+            try:
+                body = json.loads(payload)
+            except (TypeError, ValueError):
+                continue
+            v = (body.get("timings") or {}).get("prefill_tok_s")
+            if isinstance(v, (int, float)) and v > 0:
+                prefills.append(float(v))
+            served = served or (body.get("served_by") or {})
+        out[dev] = [{
+            "source": "results", "backend": served.get("backend"), "model": served.get("model"),
+            "decode_tok_s": _median([float(r[0]) for r in rows]),
+            "prefill_tok_s": _median(prefills) if prefills else None, "ts_ms": rows[0][2],
+            "results": len(rows)}]
+    return out
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2.0

@@ -23,32 +23,54 @@ stays silent for ``attempt_timeout_s``, is treated the same way.
 
 Accounting: every request ends in exactly one ``edgelm.route.record/1`` (where it was served,
 tokens, latency, energy, cost, attempts), published on ``edgelm/v1/{fleet}/router/{id}/record``
-for the collector. Edge energy is the device's reported energy if the result carries one, else
-its latest telemetry power × service time (labelled), else an assumed power (labelled).
-Prompt tokens are estimated (≈ 4 characters per token) for context and budget checks only;
-accounting uses the counts the engine or cloud reports.
+for the collector. Records go through the same on-disk outbox as a device's results
+(:mod:`agent.outbox`, in the router's state directory): a broker outage or a ``kill -9`` of the
+router loses none; they are delivered in order, at least once, after the reconnect or the
+restart. The collector deduplicates by ``(router, seq)``, so ``seq`` comes from a
+:class:`~agent.sequence.SequenceCounter` in the same directory and never repeats across
+restarts (a new directory starts the counter at the clock, in microseconds, so even a lost
+directory does not reuse numbers). One process at a time may use a state directory (a lock
+file enforces it): two routers sharing one counter would hand out the same numbers and the
+collector would drop one of each pair as a duplicate.
+
+Speeds: with ``db`` set, the router starts from each device's decode and prefill tok/s as
+the collector stored them (the most recent bench record per device, backend and model, else
+the median of its recent results), so ``weighted`` (and the backlog estimates of
+``load_aware``) are informed from the first request after a restart instead of from a
+uniform prior; live bench records and results then refine them.
+
+Edge energy is the device's reported energy if the result carries one, else its latest
+telemetry power × service time (labelled), else an assumed power (labelled). Prompt tokens
+are estimated (≈ 4 characters per token) for context and budget checks only; accounting uses
+the counts the engine or cloud reports.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import os
 import queue
 import random
+import shutil
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
-from agent.errors import RequestError
+from agent.errors import ConfigError, RequestError
 from agent.fleet.cloud import CloudClient, CloudConfig
-from agent.fleet.collector import RECORD_SCHEMA, telemetry_summary
+from agent.fleet.collector import RECORD_SCHEMA, measured_speeds, telemetry_summary
 from agent.fleet.policy import (
     NO_CAPACITY,
     NO_CONTEXT,
@@ -60,6 +82,7 @@ from agent.fleet.policy import (
 )
 from agent.fleet.ratelimit import RateLimiter, WindowLimits
 from agent.mqtt import BrokerConfig, MqttLink, reply_properties
+from agent.outbox import OutboxConfig, OutboxDrainer, OutboxQueue
 from agent.protocol import (
     CHUNK_SCHEMA,
     RESULT_SCHEMA,
@@ -67,6 +90,7 @@ from agent.protocol import (
     parse_request,
     peek_request_id,
 )
+from agent.sequence import SequenceCounter
 from backends.base import BackendError
 
 logger = logging.getLogger(__name__)
@@ -105,6 +129,13 @@ class RouterConfig:
         prior_decode_tok_s / prior_prefill_tok_s: Speed assumed before anything is measured.
         http_host / http_port: The OpenAI-compatible endpoint (port None: disabled).
         seed: Seed of the policy's random draws.
+        state_dir: Where the record outbox and the sequence counter live (one router per
+            directory). None: a temporary directory removed at :meth:`EdgeRouter.stop`, and
+            ``seq`` from the wall clock (microseconds) so it still never repeats for this
+            router id; records survive a broker outage but not a crash.
+        db: The collector's database (``sqlite:///…`` or ``postgresql://…``) to preload
+            measured device speeds from; None: start from the priors.
+        outbox: Bounds of the record outbox.
     """
 
     fleet: str
@@ -124,6 +155,9 @@ class RouterConfig:
     http_host: str = "127.0.0.1"
     http_port: int | None = 0
     seed: int | None = None
+    state_dir: Path | None = None
+    db: str | None = None
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
 
     @property
     def base(self) -> str:
@@ -201,6 +235,19 @@ class EdgeRouter:
         self.counts: collections.Counter[str] = collections.Counter()
         self._seq_last = 0
         self._stop = threading.Event()
+        self.preloaded: dict[str, dict[str, Any]] = {}
+        if config.db:
+            self.preload_speeds(config.db)
+        self._tmp_state: Path | None = None
+        if config.state_dir is None:
+            self._tmp_state = Path(tempfile.mkdtemp(prefix="edgelm-route-"))
+        self.state_dir = config.state_dir or self._tmp_state
+        assert self.state_dir is not None
+        self._state_lock = _lock_state_dir(self.state_dir)
+        self._seq: SequenceCounter | None = (_seeded_counter(self.state_dir / "seq")
+                                             if config.state_dir is not None else None)
+        self.outbox = OutboxQueue(self.state_dir / "outbox.sqlite3", config.outbox)
+        self.backlog_at_start = self.outbox.stats().depth  # records a previous life left
         base = config.base
         self.reply_topic = f"{base}/router/{config.router_id}/reply"
         self.record_topic = f"{base}/router/{config.router_id}/record"
@@ -216,15 +263,20 @@ class EdgeRouter:
                 (f"{share}{self.ingress_topic}", 1),
             ],
             on_message=self._on_message, on_connect=self._on_connect,
+            on_publish=self._on_publish,
         )
+        self._drainer = OutboxDrainer(self.outbox, self._link)
         self._http: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ helpers
 
     def _next_seq(self) -> int:
-        # Microseconds since the epoch, strictly increasing: unique across restarts without
-        # state on disk, which is what the collector's (router, seq) key needs.
+        if self._seq is not None:
+            return self._seq.next()
+        # No state directory: microseconds since the epoch, strictly increasing, unique
+        # across restarts without state on disk (what the collector's (router, seq) key needs
+        # as long as the clock does not step back).
         with self._lock:
             self._seq_last = max(self._seq_last + 1, time.time_ns() // 1000)
             return self._seq_last
@@ -237,6 +289,10 @@ class EdgeRouter:
         self._link.publish(self.status_topic, json.dumps({
             "state": "online", "policy": self.config.policy,
             "http_port": self.http_port}).encode(), qos=1, retain=True)
+        self._drainer.wake()
+
+    def _on_publish(self) -> None:
+        self._drainer.wake()
 
     @property
     def http_port(self) -> int | None:
@@ -261,6 +317,54 @@ class EdgeRouter:
             self.fleet.add(dev, time.monotonic())
         return dev
 
+    def preload_speeds(self, url: str) -> dict[str, dict[str, Any]]:
+        """Start each stored device at its measured speeds (see the module docstring).
+
+        Devices enter the fleet state offline; their status brings them online. Returns (and
+        keeps in :attr:`preloaded`) what was applied per device.
+
+        Raises:
+            ConfigError: The database cannot be opened.
+        """
+        from agent.fleet.store import FleetStore
+
+        store = FleetStore(url)
+        try:
+            speeds = measured_speeds(store, self.config.fleet)
+        finally:
+            store.close()
+        now = time.monotonic()
+        with self._lock:
+            for name, entries in speeds.items():
+                dev = self._device(name)
+                best = entries[0]
+                dev.decode_tok_s = float(best["decode_tok_s"])
+                if best.get("prefill_tok_s"):
+                    dev.prefill_tok_s = float(best["prefill_tok_s"])
+                dev.extra["measured"] = f"db:{best['source']}"
+                dev.extra["stored_speeds"] = entries
+                self.preloaded[name] = best
+                self.fleet.changed(dev, now)
+        if speeds:
+            logger.info("preloaded measured speeds of %d device(s) from %s", len(speeds),
+                        store.kind)
+        return self.preloaded
+
+    def _apply_stored_speed(self, dev: DeviceState, models: list[dict[str, Any]]) -> None:
+        """Prefer the stored bench record of the backend and model the device has loaded."""
+        entries = dev.extra.get("stored_speeds")
+        if not isinstance(entries, list) or not str(dev.extra.get("measured", "")).startswith(
+                "db:"):
+            return  # nothing stored, or live measurements already took over
+        loaded = {(m.get("backend"), m.get("name")) for m in models if m.get("loaded", True)}
+        for e in entries:
+            if e["source"] == "bench" and (e.get("backend"), e.get("model")) in loaded:
+                dev.decode_tok_s = float(e["decode_tok_s"])
+                if e.get("prefill_tok_s"):
+                    dev.prefill_tok_s = float(e["prefill_tok_s"])
+                self.preloaded[dev.name] = e
+                return
+
     def _on_status(self, device: str, body: dict[str, Any]) -> None:
         now = time.monotonic()
         dev = self._device(device)
@@ -275,6 +379,7 @@ class EdgeRouter:
             dev.models = frozenset(names) if names else frozenset({"<none>"})
             dev.context_tokens = ctx or 2048
             dev.extra["threads"] = models[0].get("threads") if models else None
+            self._apply_stored_speed(dev, models)
             self.fleet.set_online(device, True, now)
             self.fleet.changed(dev, now)
             logger.info("device %s online (%s, ctx %d)", device, ",".join(sorted(names)),
@@ -500,7 +605,11 @@ class EdgeRouter:
         energy_j: float | None = None
         for k, scale in (("energy_j", 1.0), ("gross_mj", 1e-3), ("energy_mj", 1e-3)):
             if isinstance(energy.get(k), (int, float)):
-                energy_j, source = float(energy[k]) * scale, "device"
+                energy_j = float(energy[k]) * scale
+                # keep the device's own label: a power model's figure stays "estimated"
+                estimated = energy.get("estimated") is True or energy.get("method") == "estimate"
+                source = f"device {energy.get('source') or '?'}" + (
+                    " (estimated)" if estimated else "")
                 break
         else:
             energy_j = dev.power_w * service_s
@@ -638,7 +747,12 @@ class EdgeRouter:
             )
         self.records.append(record)
         self.counts[f"served:{served_by}"] += 1
-        self._link.publish(self.record_topic, _dumps(record), qos=1)
+        # Committed to disk before the client hears the result: once a client has its answer,
+        # the accounting of it survives a broker outage and a crash of this process.
+        if self.outbox.put(self.record_topic, _dumps(record), kind="record") is None:
+            self.counts["records_dropped"] += 1
+            logger.error("accounting record of %s not queued (outbox full or closed)",
+                         p.client_id)
         try:
             p.sink.final(result, record)
         except Exception:
@@ -663,7 +777,8 @@ class EdgeRouter:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Connect, start the HTTP endpoint (if enabled) and the watchdog."""
+        """Connect, start the outbox drainer, the HTTP endpoint (if enabled), the watchdog."""
+        self._drainer.start()
         self._link.start()
         if self.config.http_port is not None:
             self._http = ThreadingHTTPServer((self.config.http_host, self.config.http_port),
@@ -686,13 +801,22 @@ class EdgeRouter:
         with self._lock:
             return sorted(d.name for d in self.fleet.online())
 
-    def stop(self) -> None:
-        """Stop serving; pending requests are finished by their threads or dropped."""
+    def stop(self, flush_s: float = 2.0) -> None:
+        """Stop serving; pending requests are finished by their threads or dropped.
+
+        Queued accounting records get up to ``flush_s`` to reach the broker; what remains
+        stays in the outbox for the next start (lost only without a state directory).
+        """
         self._stop.set()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
         self._cloud_pool.shutdown(wait=True, cancel_futures=False)
+        end = time.monotonic() + flush_s
+        while (self._link.is_connected() and self.outbox.stats().depth
+               and time.monotonic() < end):
+            time.sleep(0.02)
+        self._drainer.stop(timeout_s=0.5)
         try:
             info = self._link.publish(self.status_topic, json.dumps(
                 {"state": "offline", "reason": "shutdown"}).encode(), qos=1, retain=True)
@@ -701,6 +825,15 @@ class EdgeRouter:
             self._link.stop(timeout_s=1.0)
         if self.cloud is not None:
             self.cloud.close()
+        left = self.outbox.stats().depth
+        self.outbox.close()
+        if self._tmp_state is not None:
+            if left:
+                logger.warning("%d accounting record(s) undelivered and discarded (no "
+                               "state directory)", left)
+            shutil.rmtree(self._tmp_state, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._state_lock.close()
 
 
 class MqttSink(Sink):
@@ -729,6 +862,42 @@ class MqttSink(Sink):
         if result.get("status") == "ok":
             result["chunks"] = self.index
         self.router._link.publish(self.topic, _dumps(result), qos=1, properties=self.props)
+
+
+def _seeded_counter(path: Path) -> SequenceCounter:
+    """A persistent counter whose first life starts at the clock (µs since the epoch).
+
+    Seeding from the clock keeps ``(router, seq)`` unique even when a state directory is lost
+    or replaced: a fresh counter starts above every number an earlier life could have used
+    (it would have had to publish more than one record per microsecond to catch up), while
+    an existing one continues from its file whatever the clock does.
+    """
+    if not path.exists():
+        tmp = path.with_suffix(".seed")
+        with tmp.open("w") as fh:
+            fh.write(str(time.time_ns() // 1000))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return SequenceCounter(path)
+
+
+def _lock_state_dir(state_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on ``state_dir`` for this process's lifetime.
+
+    Raises:
+        ConfigError: Another router holds it (sharing the sequence counter would make the
+            collector drop records as duplicates).
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fh = (state_dir / "lock").open("a")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        fh.close()
+        raise ConfigError(f"state directory {state_dir} is in use by another router; give "
+                          "each router its own --state-dir") from exc
+    return fh
 
 
 def _throttled(probes: dict[str, Any]) -> bool:

@@ -133,6 +133,37 @@ def http_chat(port: int, body: dict[str, Any]) -> tuple[int, bytes]:
         return resp.status, resp.read()
 
 
+def check_fleet_report(store: FleetStore, fleet: str, records: list[dict[str, Any]],
+                       victim: str, devices: list[str], out: Path) -> None:
+    """``agentctl report --db``'s data and files agree with what the router accounted."""
+    pytest.importorskip("matplotlib")
+    from agent.report import Missing
+    from agent.report_fleet import FLEET_FIGURES, render_fleet_report
+
+    written, summary = render_fleet_report(store, out, ("png", "html"), fleet=fleet)
+    assert [row.device for row in summary.rows] == devices
+    assert summary.requests == len(records)
+    assert summary.edge == sum(1 for x in records if x["served_by"] == "edge")
+    assert summary.cloud == sum(1 for x in records if x["served_by"] == "cloud")
+    reasons: dict[str, int] = {}
+    for x in records:
+        if x["served_by"] == "cloud":
+            reasons[x["fallback_reason"]] = reasons.get(x["fallback_reason"], 0) + 1
+    assert summary.cloud_by_reason == reasons
+    assert isinstance(summary.cloud_cost_usd, float) and summary.cloud_cost_usd >= 0
+    for row in summary.rows:
+        assert row.served == sum(1 for x in records if x["served_by"] == "edge"
+                                 and x["edge_device"] == row.device)
+        assert isinstance(row.ttft_p50_ms, float) and isinstance(row.decode_p50_tok_s, float)
+        assert isinstance(row.edge_energy_j, float)
+        for value in (row.power_mean_w, row.temp_max_c, row.mj_per_token):
+            assert isinstance(value, float) or (isinstance(value, Missing) and value.why)
+    gone = summary.row(victim)
+    assert gone.state.startswith("offline")
+    assert isinstance(gone.online_share, float) and gone.online_share < 1.0
+    assert len(written) == len(FLEET_FIGURES) + 1
+
+
 def test_fleet_burst_overflow_failover_and_accounting(
     broker: Mosquitto, tmp_path: Path, cloud: str, postgres: Postgres
 ) -> None:
@@ -306,6 +337,8 @@ def test_fleet_burst_overflow_failover_and_accounting(
                 assert all(devices[d] == "online" for d in agents if d != victim)
                 assert store.query("SELECT COUNT(*) FROM telemetry")[0][0] > 0
                 assert store.query("SELECT COUNT(*) FROM results")[0][0] >= len(edge)
+                check_fleet_report(store, fleet, records, victim, sorted(agents),
+                                   tmp_path / f"report-{store.kind}")
             finally:
                 store.close()
         client.close()
