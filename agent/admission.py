@@ -6,6 +6,9 @@ Protocol rules embodied here:
   first copy is queued or running, a retry is attached to it and gets the same final result
   on its own reply topic; once it finished, the stored result is sent again (same ``seq``, so
   receivers deduplicate it). Entries live ``ttl_s`` and at most ``max_entries`` are kept.
+  Completed results are also kept in a :class:`ResultStore` (SQLite, WAL, in the state
+  directory), so a retry that arrives after the agent restarted is answered from disk and not
+  run again.
 - a **per-client sliding-window rate limit**: at most ``limit`` requests per ``window_s``
   from one client (the request's ``client_id``, else its reply topic); the excess is refused
   with ``overloaded`` and ``details.reason = "rate_limited"`` plus ``retry_after_ms``.
@@ -13,17 +16,24 @@ Protocol rules embodied here:
   executor per worker); a full queue answers ``overloaded`` at once rather than queueing
   without bound.
 
-Everything here is in memory, bounded, thread-safe and clock-injectable for tests.
+Everything here is bounded, thread-safe and clock-injectable for tests; only the
+:class:`ResultStore` touches the disk.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,12 +81,23 @@ class SlidingWindowRateLimiter:
         self._log: collections.OrderedDict[str, collections.deque[float]] = (
             collections.OrderedDict())
 
+    def reconfigure(self, limit: int, window_s: float) -> None:
+        """Apply new limits (config reload).
+
+        The request log is kept, so no client gets a fresh allowance from a reload.
+        """
+        with self._lock:
+            self.limit = limit
+            self.window_s = window_s
+
     def allow(self, key: str) -> tuple[bool, float]:
         """Record an event for ``key`` if allowed; return ``(allowed, retry_after_s)``."""
         if self.limit <= 0:
             return True, 0.0
         now = self._clock()
         with self._lock:
+            if self.limit <= 0:  # disabled by a reload meanwhile
+                return True, 0.0
             log = self._log.get(key)
             if log is None:
                 log = collections.deque()
@@ -93,6 +114,115 @@ class SlidingWindowRateLimiter:
             return True, 0.0
 
 
+class ResultStore:
+    """Completed request id → final result payload, on disk, so idempotency survives a restart.
+
+    A SQLite database of its own (``idempotency.sqlite3`` in the state directory, WAL) rather
+    than a table beside the outbox: the outbox's connection and lock belong to
+    :class:`agent.outbox.OutboxQueue`, and its rows are deleted as soon as they are
+    acknowledged, while these rows must outlive delivery by ``ttl_s``. A separate file also
+    keeps the drainer's deletes and these writes from waiting on one another.
+
+    Bounded like the in-memory cache: rows older than ``ttl_s`` (wall clock, since the
+    monotonic clock restarts with the process) are deleted on every write and never returned,
+    and beyond ``max_entries`` the oldest rows go first.
+
+    Args:
+        path: The database file (created with its directory).
+        ttl_s: How long a result is kept, s.
+        max_entries: Most results kept.
+        synchronous: SQLite ``synchronous`` mode, as the outbox's: ``normal`` survives a
+            process crash (kill -9), ``full`` also power loss.
+        clock: Wall clock, s since the epoch.
+    """
+
+    def __init__(self, path: Path, ttl_s: float = 600.0, max_entries: int = 10_000, *,
+                 synchronous: str = "normal", clock: Callable[[], float] = time.time) -> None:
+        if synchronous not in ("normal", "full"):
+            raise ValueError("synchronous must be normal or full")
+        self.path = path
+        self._ttl_s = ttl_s
+        self._max = max_entries
+        self._synchronous = synchronous
+        self._clock = clock
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            # Losing remembered ids only means a retry may run again; never a reason to stop.
+            aside = path.with_name(f"{path.name}.corrupt-{int(self._clock())}")
+            logger.error("idempotency store %s is unreadable (%s); moved to %s", path, exc, aside)
+            path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    path.with_name(path.name + suffix).unlink()
+            self._db = self._open()
+        self._count = int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
+        db.execute("CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, "
+                   "payload BLOB NOT NULL, created_unix_ms INTEGER NOT NULL, "
+                   "expires_unix_ms INTEGER NOT NULL)")
+        db.execute("CREATE INDEX IF NOT EXISTS results_expires ON results(expires_unix_ms)")
+        db.execute("CREATE INDEX IF NOT EXISTS results_created ON results(created_unix_ms)")
+        return db
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._count
+
+    def reconfigure(self, ttl_s: float, max_entries: int) -> None:
+        """New bounds (config reload); they apply from the next write."""
+        with self._lock:
+            self._ttl_s = ttl_s
+            self._max = max_entries
+
+    def get(self, request_id: str) -> bytes | None:
+        """The stored final result of ``request_id``, or None (unknown or expired)."""
+        now_ms = int(self._clock() * 1000)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload FROM results WHERE id = ? AND expires_unix_ms > ?",
+                (request_id, now_ms)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def put(self, request_id: str, payload: bytes) -> None:
+        """Remember ``payload`` as the final result of ``request_id`` (committed on return)."""
+        now_ms = int(self._clock() * 1000)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = db.execute("DELETE FROM results WHERE expires_unix_ms <= ?",
+                                  (now_ms,)).rowcount
+                replaced = db.execute("DELETE FROM results WHERE id = ?",
+                                      (request_id,)).rowcount
+                db.execute("INSERT INTO results (id, payload, created_unix_ms, expires_unix_ms) "
+                           "VALUES (?, ?, ?, ?)",
+                           (request_id, payload, now_ms, now_ms + int(self._ttl_s * 1000)))
+                count = self._count - gone - replaced + 1
+                if count > self._max:
+                    count -= db.execute(
+                        "DELETE FROM results WHERE id IN (SELECT id FROM results "
+                        "ORDER BY created_unix_ms, rowid LIMIT ?)", (count - self._max,)
+                    ).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._count = count
+
+    def close(self) -> None:
+        """Close the database (further calls fail)."""
+        with self._lock:
+            self._db.close()
+
+
 @dataclass
 class _Entry:
     expires: float
@@ -107,6 +237,8 @@ class IdempotencyCache:
         ttl_s: How long an id is remembered after it was first seen, s.
         max_entries: Most ids kept (oldest forgotten first).
         clock: Monotonic clock, s.
+        store: Where completed results are also written, so they outlive the process; an id
+            unknown in memory is looked up there before it counts as new.
     """
 
     NEW = "new"
@@ -114,16 +246,26 @@ class IdempotencyCache:
     DONE = "done"
 
     def __init__(self, ttl_s: float = 600.0, max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 store: ResultStore | None = None) -> None:
         self._ttl_s = ttl_s
         self._max = max_entries
         self._clock = clock
+        self._store = store
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+    def reconfigure(self, ttl_s: float, max_entries: int) -> None:
+        """New bounds (config reload): they apply to ids seen from now on, and the store's."""
+        with self._lock:
+            self._ttl_s = ttl_s
+            self._max = max_entries
+        if self._store is not None:
+            self._store.reconfigure(ttl_s, max_entries)
 
     def claim(self, request_id: str, target: Any) -> tuple[str, bytes | None]:
         """Register ``request_id``; say whether it is new, pending (``target`` attached) or done.
@@ -132,6 +274,11 @@ class IdempotencyCache:
             ``(NEW, None)``: run it. ``(PENDING, None)``: a copy is queued or running;
             ``target`` will get its result. ``(DONE, payload)``: answer with ``payload``.
         """
+        with self._lock:
+            known = request_id in self._entries
+        # Read the store outside the lock (executors must not wait on SQLite to complete).
+        stored = (self._store.get(request_id)
+                  if self._store is not None and not known else None)
         now = self._clock()
         with self._lock:
             while self._entries:
@@ -140,23 +287,41 @@ class IdempotencyCache:
                     break
                 self._entries.popitem(last=False)
             entry = self._entries.get(request_id)
+            if entry is not None and entry.expires <= now and entry.result is not None:
+                # Expired behind an older entry that is not (a reload shortened the TTL).
+                del self._entries[request_id]
+                entry = None
             if entry is None:
-                self._entries[request_id] = _Entry(expires=now + self._ttl_s)
-                return self.NEW, None
+                self._entries[request_id] = _Entry(expires=now + self._ttl_s, result=stored)
+                return (self.NEW, None) if stored is None else (self.DONE, stored)
             if entry.result is not None:
                 return self.DONE, entry.result
             entry.waiters.append(target)
             return self.PENDING, None
 
     def complete(self, request_id: str, payload: bytes) -> list[Any]:
-        """Store the final result; return the targets of retries that are waiting for it."""
+        """Store the final result; return the targets of retries that are waiting for it.
+
+        Call it once the result is committed to the outbox; the store is written here, just
+        after (two SQLite files cannot share one transaction). A crash between the two commits
+        (a window of about a hundred microseconds) leaves a result that is still delivered
+        from the outbox after the restart, but an id that is not remembered: a retry that
+        arrives after the restart runs once more (at least once, never lost). The other order
+        could remember a result whose only copy was lost with the process, and a client that
+        did not retry would never hear of it.
+        """
         with self._lock:
             entry = self._entries.get(request_id)
             if entry is None:
                 return []
             entry.result = payload
             waiters, entry.waiters = entry.waiters, []
-            return waiters
+        if self._store is not None:
+            try:
+                self._store.put(request_id, payload)
+            except sqlite3.Error as exc:  # a full disk must not lose the result itself
+                logger.error("request id %s not remembered on disk: %s", request_id, exc)
+        return waiters
 
     def forget(self, request_id: str) -> list[Any]:
         """Drop an id that was refused before running (so a retry may run); return waiters."""

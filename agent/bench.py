@@ -209,23 +209,35 @@ def synthetic_prompt(n_tokens: int, vocab_size: int, seed: int = 0) -> tuple[int
 
 
 class _Bench:
-    """One bench session: worker, sampler, integrator."""
+    """One bench session: worker, sampler, integrator.
 
-    def __init__(self, config: BenchConfig, progress: ProgressFn | None) -> None:
+    ``worker`` and ``sampler`` may be the daemon's own (``cmd/bench``): the bench then
+    measures the model copy that serves requests instead of loading a second one, and
+    neither is started or stopped here.
+    """
+
+    def __init__(self, config: BenchConfig, progress: ProgressFn | None,
+                 worker: InferenceWorker | None = None, sampler: Sampler | None = None) -> None:
         self.c = config
         self.progress = progress or (lambda *_: None)
-        self.worker = InferenceWorker(WorkerConfig(
+        self.owns_worker = worker is None
+        self.worker = worker if worker is not None else InferenceWorker(WorkerConfig(
             backend=config.backend,
             model=ModelSpec(config.model.name, config.model.path, config.model.format,
                             config.model.sha256),
             options=BackendOptions(threads=config.threads, context_tokens=config.context_tokens,
                                    extra=dict(config.backend_options)),
         ))
-        probes = [p for p in create_probes(None, config.probe_root,
-                                           options=config.probe_options)
-                  if p.name != "process"]
+        self.owns_sampler = sampler is None
+        if sampler is None:
+            probes = [p for p in create_probes(None, config.probe_root,
+                                               options=config.probe_options)
+                      if p.name != "process"]
+            sampler = Sampler(probes, interval_s=1.0)
+        self.sampler = sampler
+        # Its own ProcessProbe instance: CPU% is a rate, and the sampler's instance (if any)
+        # keeps its state on the sampler thread.
         self.procs = ProcessProbe(root=config.probe_root)
-        self.sampler = Sampler(probes, interval_s=1.0)
         self.energy = EnergyIntegrator(self.sampler, lookback_s=2.0)
         self.notes: list[str] = []
 
@@ -259,11 +271,14 @@ class _Bench:
         before = device_state(self._snapshot())
         self.procs.sample()
         with self.sampler.fast(self.c.sample_interval_s):
-            # Let the high-rate samples start before the request window opens: the last 1 Hz
-            # sample is up to a second old, and a window whose start falls in that gap loses
-            # coverage (short requests then got no energy at all).
-            time.sleep(2 * self.c.sample_interval_s)
+            # Bracket the window with power samples taken here: the last 1 Hz tick is up to a
+            # second old, and a window whose start falls in that gap loses coverage (short
+            # requests then got no energy at all). Without a source that can be sampled on
+            # demand, let the high-rate ticks start first instead.
+            if self.sampler.sample_power_now() is None:
+                time.sleep(2 * self.c.sample_interval_s)
             result = run_generation(self.worker, request)
+            self.sampler.sample_power_now()
             energy = self._energy(result)
         cpu_pct = self.procs.sample().processes["worker"].cpu_pct
         after = device_state(self._snapshot())
@@ -425,8 +440,18 @@ def paper_metrics(record: dict[str, Any], config: BenchConfig) -> dict[str, Any]
     }
 
 
-def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+def run_bench(config: BenchConfig, progress: ProgressFn | None = None, *,
+              worker: InferenceWorker | None = None,
+              sampler: Sampler | None = None) -> dict[str, Any]:
     """Run the benchmark and return an ``edgelm.bench/1`` record.
+
+    Args:
+        config: What to run.
+        progress: Called with ``(phase, done, total)``.
+        worker: A started worker to measure (the daemon's), instead of loading the model in
+            a new one; it is left running. The caller keeps other work off it meanwhile.
+        sampler: A running sampler to read power from (the daemon's), instead of a new one
+            over freshly created probes; it is left running.
 
     Raises:
         backends.base.BackendError: The model could not be loaded or a generation failed.
@@ -436,11 +461,12 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> dict[s
         raise ValueError("runs must be at least 1")
     if config.warmup < 0:
         raise ValueError("warmup must be zero or more")
-    b = _Bench(config, progress)
+    b = _Bench(config, progress, worker, sampler)
     prog = b.progress
     started_unix_ms = int(time.time() * 1000)
     prog("load", 0, 1)
-    b.sampler.start()
+    if b.owns_sampler:
+        b.sampler.start()
     try:
         info = b.worker.start()
         prog("load", 1, 1)
@@ -466,8 +492,10 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> dict[s
         quality = _quality(b, prog) if config.quality else None
         peak_rss = b.procs.sample().processes["worker"].peak_rss_bytes
     finally:
-        b.worker.stop()
-        b.sampler.stop()
+        if b.owns_worker:
+            b.worker.stop()
+        if b.owns_sampler:
+            b.sampler.stop()
     valid = [r for r in runs if r["valid"]]
     summary = {m: _summary_entry([r[m] for r in valid]) for m in SUMMARY_METRICS}
     tgs = summary.get("decode_tok_s") or {}

@@ -254,9 +254,11 @@ def run_main() -> None:
 def run(config_path: str | None, **flags: Any) -> None:
     """Run the agent daemon in the foreground (systemd runs exactly this).
 
-    Settings come from the config file, then EDGELM_* variables, then these flags.
+    Settings come from the config file, then EDGELM_* variables, then these flags. SIGHUP
+    (systemctl reload) or cmd/reload reads them again the same way and applies what can
+    change while running.
     """
-    from agent.cli_ops import daemon_config_from
+    from agent.cli_ops import daemon_config_from, daemon_config_loader
     from agent.daemon import AgentDaemon
     from probes.base import ProbeError
 
@@ -265,7 +267,7 @@ def run(config_path: str | None, **flags: Any) -> None:
     except (ConfigError, ModelError) as exc:
         _fail(str(exc), EXIT_CONFIG)
     try:
-        daemon = AgentDaemon(config)
+        daemon = AgentDaemon(config, reload_config=daemon_config_loader(config_path, flags))
     except (OSError, ProbeError, ValueError, ConfigError) as exc:
         _fail(f"cannot start: {exc}", EXIT_CONFIG)
     sys.exit(daemon.run_forever())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,8 +136,24 @@ def daemon_config_from(explicit: str | None, flags: Mapping[str, Any],
         baseline_window_s=cfg.energy.baseline_window_s,
         baseline_every_s=cfg.energy.baseline_every_s,
         log_content=cfg.agent.log_content,
+        log_level=cfg.agent.log_level,
         prometheus_listen=cfg.prometheus.listen if cfg.prometheus.enabled else None,
     )
+
+
+def daemon_config_loader(explicit: str | None, flags: Mapping[str, Any]
+                         ) -> Callable[[], DaemonConfig]:
+    """What ``cmd/reload`` and SIGHUP call: the same file and flags, the environment now.
+
+    The flags are copied: a reload re-applies exactly what the daemon was started with, so a
+    ``--broker`` given on the command line still wins over the file after a reload.
+    """
+    saved = dict(flags)
+
+    def load() -> DaemonConfig:
+        return daemon_config_from(explicit, saved, os.environ)
+
+    return load
 
 
 @main.group("config")

@@ -41,6 +41,7 @@ class AgentSection:
     device: str | None = None
     state_dir: str | None = None
     log_content: bool = False
+    log_level: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "mqtt.reconnect_max_s": _positive,
     "mqtt.connect_timeout_s": _positive,
     "mqtt.max_packet_bytes": _non_negative,
+    "agent.log_level": _one_of("debug", "info", "warning", "error"),
     "model.threads": _threads,
     "model.context_tokens": _between(16, 1 << 20),
     "admission.queue_size": _non_negative,

@@ -7,12 +7,22 @@ Protocol rules embodied here (DESIGN.md §4 and §7, issue 5):
   loses no result; stream chunks are live only (published while connected, counted when
   dropped offline) because the final result carries the whole text;
 - requests pass **admission** (:mod:`agent.admission`): drain state, idempotency (a retried id
-  is never run twice), a per-client sliding-window rate limit, then a bounded queue served by
-  ``concurrency`` executors, each owning one worker process; a full queue answers
-  ``overloaded`` at once;
+  is never run twice, also across a restart: completed results are kept in
+  ``idempotency.sqlite3`` in the state directory), a per-client sliding-window rate limit,
+  then a bounded queue served by ``concurrency`` executors, each owning one worker process; a
+  full queue answers ``overloaded`` at once;
 - each final result carries ``energy`` from the :class:`agent.energy.EnergyIntegrator` over
-  the execution window (the sampler runs at ``fast_interval_s`` meanwhile), with None values
-  and a reason when nothing measures power, never 0;
+  the execution window, which is bracketed by power samples taken on the executor
+  (:meth:`agent.sampler.Sampler.sample_power_now`) while the sampler runs at
+  ``fast_interval_s`` as long as requests are queued; None values and a reason when nothing
+  measures power, never 0;
+- ``cmd/bench`` runs on the daemon's own worker, through the job queue: requests queued
+  before it run first, later ones wait behind it, and no second model copy is loaded;
+- ``cmd/reload`` and SIGHUP re-read the configuration the daemon started with (file,
+  ``EDGELM_*``, its command-line flags): settings that can change live are applied, the
+  workers are restarted (after their in-flight generation) on the possibly new model, and
+  settings that need a restart are listed as ``restart_required``; a bad configuration is an
+  error result and the daemon keeps serving on the old one;
 - the retained ``status`` is re-published once per **health change** (probe degraded or
   recovered, worker restarted or died, drain toggled), never per sample;
 - prompts and generated text are never logged unless ``log_content`` is set.
@@ -25,12 +35,19 @@ Threads (the single concurrency model of the daemon: threads around paho's loop)
   enqueue, never block;
 - ``edgelm-outbox``: the outbox drainer; ``edgelm-sampler``: probes;
 - ``edgelm-executor-N``: one per worker process, runs generations and publishes chunks;
-- short-lived ``edgelm-cmd`` threads for ``cmd/reload`` and ``cmd/bench``.
+- short-lived ``edgelm-cmd`` threads for ``cmd/reload``, SIGHUP and ``cmd/bench`` (the bench
+  itself runs on an executor, the command thread waits for it).
+
+Executors and exclusive work: an executor runs a request only while nothing exclusive (a bench
+run, a worker restart by reload) holds the gate, and exclusive work starts only once no request
+runs, so bench timings are clean and a reload never races a request for a worker.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,12 +55,18 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import agent
-from agent.admission import AdmissionConfig, IdempotencyCache, SlidingWindowRateLimiter
+from agent.admission import (
+    AdmissionConfig,
+    IdempotencyCache,
+    ResultStore,
+    SlidingWindowRateLimiter,
+)
 from agent.energy import EnergyIntegrator, EnergyResult
 from agent.errors import PublishError, RequestError
 from agent.generation import GenerationResult, run_generation
@@ -65,7 +88,7 @@ from agent.protocol import (
     peek_request_id,
 )
 from agent.sampler import Sampler, Snapshot
-from agent.sdnotify import notify, watchdog_interval_s
+from agent.sdnotify import notify, reloading_message, watchdog_interval_s
 from agent.sequence import SequenceCounter
 from agent.worker import InferenceWorker, WorkerConfig
 from backends.base import BackendError, BackendOptions, GenerationRequest, ModelSpec, TokenEvent
@@ -96,6 +119,7 @@ class DaemonConfig:
         energy_min_coverage: Smallest window coverage for which energy is reported.
         baseline_window_s / baseline_every_s: Idle-baseline window and refresh period.
         log_content: Log prompts and outputs (off: never written to logs).
+        log_level: Root log level (``debug`` … ``error``); None leaves the CLI's ``-v`` level.
         prometheus_listen: ``host:port`` of the Prometheus endpoint; None: off.
         shutdown_grace_s: How long an in-flight generation may run on after SIGTERM.
     """
@@ -120,8 +144,90 @@ class DaemonConfig:
     baseline_window_s: float = 10.0
     baseline_every_s: float = 600.0
     log_content: bool = False
+    log_level: str | None = None
     prometheus_listen: str | None = None
     shutdown_grace_s: float = 2.0
+
+
+# DaemonConfig field -> the configuration key(s) an operator edits (agent.toml / EDGELM_*).
+_FIELD_KEYS = {
+    "fleet": "agent.fleet", "device": "agent.device", "state_dir": "agent.state_dir",
+    "backend": "model.backend", "model": "model.name", "threads": "model.threads",
+    "threads_how": "model.threads", "context_tokens": "model.context_tokens",
+    "telemetry_interval_s": "telemetry.interval_s", "probe_root": "telemetry.probe_root",
+    "probe_names": "telemetry.probes", "telemetry_via_outbox": "outbox.telemetry",
+    "fast_interval_s": "telemetry.fast_interval_s",
+    "energy_min_coverage": "energy.min_coverage",
+    "baseline_window_s": "energy.baseline_window_s",
+    "baseline_every_s": "energy.baseline_every_s",
+    "log_content": "agent.log_content", "log_level": "agent.log_level",
+    "prometheus_listen": "prometheus.listen", "shutdown_grace_s": "shutdown_grace_s",
+}
+_BROKER_URL_FIELDS = ("host", "port", "tls")
+
+# The power sample before a generation delays its first token: only sources whose last read
+# took at most this long are read then (sysfs counters and rails: well under 1 ms, see
+# benchmarks/energy_window.py; a vcgencmd fork on a Pi: several ms, left to the sampler).
+START_SAMPLE_MAX_COST_S = 0.002
+
+# Settings a running daemon cannot change: the MQTT session and topics, files opened at start,
+# the probes created at start, the number of executors, the outbox drainer's pacing (read once
+# by agent.outbox.OutboxDrainer) and the Prometheus socket.
+RESTART_REQUIRED = frozenset({
+    "agent.fleet", "agent.device", "agent.state_dir", "telemetry.probe_root",
+    "telemetry.probes", "admission.concurrency", "outbox.replay_rate_per_s",
+    "outbox.inflight_window", "outbox.synchronous", "prometheus.listen",
+})
+
+
+def _config_values(cfg: DaemonConfig) -> dict[str, list[Any]]:
+    """Configuration key -> the values behind it (several fields can share one key)."""
+    out: dict[str, list[Any]] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("broker", "admission", "outbox"):
+            section = "mqtt" if f.name == "broker" else f.name
+            for sub in dataclasses.fields(value):
+                key = ("mqtt.broker" if f.name == "broker" and sub.name in _BROKER_URL_FIELDS
+                       else f"{section}.{sub.name}")
+                out.setdefault(key, []).append(getattr(value, sub.name))
+            continue
+        out.setdefault(_FIELD_KEYS.get(f.name, f.name), []).append(value)
+    return out
+
+
+def config_changes(old: DaemonConfig, new: DaemonConfig) -> tuple[list[str], list[str]]:
+    """Keys whose values differ: ``(changed, restart_required)``, both sorted.
+
+    ``restart_required`` is the subset a running daemon cannot apply (every ``mqtt.*`` key and
+    :data:`RESTART_REQUIRED`).
+    """
+    a, b = _config_values(old), _config_values(new)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    restart = [k for k in changed if k.startswith("mqtt.") or k in RESTART_REQUIRED]
+    return changed, restart
+
+
+def applicable(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
+    """``new`` with every setting that needs a restart kept as in ``old``."""
+    return dataclasses.replace(
+        new, broker=old.broker, fleet=old.fleet, device=old.device, state_dir=old.state_dir,
+        probe_root=old.probe_root, probe_names=old.probe_names,
+        prometheus_listen=old.prometheus_listen,
+        admission=dataclasses.replace(new.admission, concurrency=old.admission.concurrency),
+        outbox=dataclasses.replace(new.outbox, replay_rate_per_s=old.outbox.replay_rate_per_s,
+                                   inflight_window=old.outbox.inflight_window,
+                                   synchronous=old.outbox.synchronous),
+    )
+
+
+class CommandError(Exception):
+    """An operator command failed in a way the result names (``code``, ``message``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -136,6 +242,21 @@ class _Job:
     reply: _Reply
     accepted_ns: int
     deadline_mono: float | None
+    # False when the final result is a retryable error (shutting down, worker crashed): the id
+    # is forgotten so a retry runs, instead of being answered with that error (from disk,
+    # across restarts) for the whole idempotency TTL.
+    remember: bool = True
+
+
+@dataclass
+class _BenchJob:
+    """``cmd/bench`` waiting in the job queue; the command thread waits on ``done``."""
+
+    cmd: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    record: dict[str, Any] | None = None
+    error: BaseException | None = None
+    worker_pid: int | None = None
 
 
 @dataclass
@@ -153,28 +274,47 @@ class Counters:
 
 
 class AgentDaemon:
-    """One device's agent."""
+    """One device's agent.
 
-    def __init__(self, config: DaemonConfig) -> None:
+    Args:
+        config: The configuration it starts with.
+        reload_config: Builds the configuration again the way ``config`` was built (file,
+            environment, the same command-line flags), for ``cmd/reload`` and SIGHUP; it
+            raises :class:`agent.errors.ConfigError` naming the file or variable and the key.
+            None: a reload keeps ``config`` and only restarts the workers.
+    """
+
+    def __init__(self, config: DaemonConfig,
+                 reload_config: Callable[[], DaemonConfig] | None = None) -> None:
         self.config = config
+        self._reload_config = reload_config
         self.topics = Topics(config.fleet, config.device)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self._seq = SequenceCounter(config.state_dir / "seq")
         self._stop = threading.Event()
         self._draining = threading.Event()
+        self._reload_requested = threading.Event()
+        self._reload_deferred = False
+        self._startup_log_level = logging.getLogger().level
         adm = config.admission
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max(1, adm.queue_size))
+        self._jobs: queue.Queue[_Job | _BenchJob | None] = queue.Queue(
+            maxsize=max(1, adm.queue_size))
         self._inflight: dict[int, _Job] = {}
         self._cancel_inflight = threading.Event()
+        # The gate between requests (shared) and benches / worker restarts (exclusive).
+        self._gate = threading.Condition()
+        self._running_requests = 0
+        self._exclusive_waiting = 0
+        self._exclusive_active = False
         self.counters = Counters()
-        self._idem = IdempotencyCache(adm.idempotency_ttl_s, adm.idempotency_max_entries)
+        self._results = ResultStore(config.state_dir / "idempotency.sqlite3",
+                                    adm.idempotency_ttl_s, adm.idempotency_max_entries,
+                                    synchronous=config.outbox.synchronous)
+        self._idem = IdempotencyCache(adm.idempotency_ttl_s, adm.idempotency_max_entries,
+                                      store=self._results)
         self._limiter = SlidingWindowRateLimiter(adm.rate_limit, adm.rate_window_s)
         self._hardware = hardware_identity(config.probe_root)
-        spec = ModelSpec(config.model.name, config.model.path, config.model.format,
-                         config.model.sha256)
-        options = BackendOptions(threads=config.threads, context_tokens=config.context_tokens)
-        self._workers = [InferenceWorker(WorkerConfig(backend=config.backend, model=spec,
-                                                      options=options))
+        self._workers = [InferenceWorker(_worker_config(config))
                          for _ in range(adm.concurrency)]
         self._probes: list[Probe] = create_probes(
             list(config.probe_names) if config.probe_names else None, config.probe_root
@@ -184,6 +324,7 @@ class AgentDaemon:
         )
         self._sampler = Sampler(self._probes, interval_s=config.telemetry_interval_s)
         self._energy = EnergyIntegrator(self._sampler, min_coverage=config.energy_min_coverage)
+        self._apply_log_level(config.log_level)
         self._last_telemetry_mono = 0.0
         self._last_telemetry: dict[str, Any] | None = None
         self._last_activity_mono = time.monotonic()
@@ -410,6 +551,10 @@ class AgentDaemon:
         try:
             details = target(cmd)
             self._send_cmd_result(reply, name, cmd.get("id"), "ok", details=details)
+        except CommandError as exc:
+            logger.error("command %s failed: %s: %s", name, exc.code, exc.message)
+            self._send_cmd_result(reply, name, cmd.get("id"), "error",
+                                  error={"code": exc.code, "message": exc.message})
         except Exception as exc:
             logger.exception("command %s failed", name)
             self._send_cmd_result(reply, name, cmd.get("id"), "error",
@@ -417,37 +562,199 @@ class AgentDaemon:
         finally:
             self._cmd_lock.release()
 
+    # ------------------------------------------------------------------ reload
+
     def _do_reload(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Restart every worker (each after its in-flight generation), re-reading the model."""
+        """``cmd/reload`` and SIGHUP: re-read the configuration, apply it, restart the workers.
+
+        systemd hears ``RELOADING=1`` before and ``READY=1`` after, whatever the outcome (a
+        failed reload leaves the daemon serving on its old configuration, still ready).
+
+        Raises:
+            CommandError: ``config_error`` naming the file or variable and the key; nothing
+                was applied.
+        """
+        notify(reloading_message())
+        try:
+            return self._reload()
+        finally:
+            notify("READY=1\nSTATUS=serving " + self.config.model.name)
+
+    def _reload(self) -> dict[str, Any]:
         t0 = time.monotonic()
-        for w in self._workers:
-            w.stop(timeout_s=5.0)  # waits for the worker's current generation (its lock)
+        old = self.config
+        new = old
+        if self._reload_config is not None:
             try:
-                w.start()
-            except BackendError as exc:
-                logger.error("reload: model failed to load: %s", exc.message)
+                new = self._reload_config()
+            except Exception as exc:  # ConfigError, ModelError, a bad value deeper down
+                raise CommandError("config_error", f"configuration not reloaded, still "
+                                    f"serving on the previous one: {exc}") from exc
+        changed, restart_required = config_changes(old, new)
+        applied = applicable(old, new)
+        with self._exclusive():
+            # No request runs meanwhile: every setting and the worker restart apply between
+            # two requests, never in the middle of one.
+            self._apply_live(old, applied)
+            self.config = applied
+            for w in self._workers:
+                w.stop(timeout_s=5.0)
+                w.config = _worker_config(applied, w.config)
+                try:
+                    w.start()
+                except BackendError as exc:
+                    logger.error("reload: model failed to load: %s", exc.message)
         self._set_worker_pids()
         self.publish_status(reason="reloaded")
+        if restart_required:
+            logger.warning("reload: %s changed but need(s) a restart (systemctl restart "
+                           "edgelm-agent); still using the old value(s)",
+                           ", ".join(restart_required))
+        logger.info("configuration reloaded; changed: %s", ", ".join(changed) or "nothing")
         return {"reload_ms": (time.monotonic() - t0) * 1000.0,
-                "loaded": all(w.alive() for w in self._workers)}
+                "loaded": all(w.alive() for w in self._workers),
+                "changed": changed, "restart_required": restart_required,
+                "workers_restarted": len(self._workers)}
+
+    def _apply_live(self, old: DaemonConfig, new: DaemonConfig) -> None:
+        """Hand the settings that can change while running to the parts that hold them."""
+        if new.telemetry_interval_s != old.telemetry_interval_s:
+            self._sampler.set_interval(new.telemetry_interval_s)
+        adm = new.admission
+        self._limiter.reconfigure(adm.rate_limit, adm.rate_window_s)
+        self._idem.reconfigure(adm.idempotency_ttl_s, adm.idempotency_max_entries)
+        with self._jobs.mutex:  # queue.Queue reads maxsize under this lock
+            self._jobs.maxsize = max(1, adm.queue_size)
+            self._jobs.not_full.notify_all()
+        # The outbox reads its bounds, TTL and drop policy from .config on every put; the
+        # drainer's pacing was read once (RESTART_REQUIRED keeps it as it was).
+        self.outbox.config = new.outbox
+        self._energy.set_min_coverage(new.energy_min_coverage)
+        self._apply_log_level(new.log_level)
+
+    def _apply_log_level(self, level: str | None) -> None:
+        root = logging.getLogger()
+        root.setLevel(self._startup_log_level if level is None else level.upper())
+        logger.debug("log level %s", logging.getLevelName(root.getEffectiveLevel()))
+
+    def _request_reload(self) -> None:
+        """SIGHUP handler: only sets an event (the main loop starts the reload)."""
+        self._reload_requested.set()
+
+    def _start_signal_reload(self) -> None:
+        """Run a SIGHUP reload on a command thread, once no other command runs."""
+        if not self._cmd_lock.acquire(blocking=False):
+            # A bench or reload runs; the event stays set and the next tick retries.
+            if not self._reload_deferred:
+                logger.info("SIGHUP: the reload waits for the running command")
+                self._reload_deferred = True
+            return
+        self._reload_deferred = False
+        self._reload_requested.clear()
+        logger.info("SIGHUP: reloading the configuration")
+        threading.Thread(target=self._signal_reload, name="edgelm-cmd", daemon=True).start()
+
+    def _signal_reload(self) -> None:
+        try:
+            details = self._do_reload({})
+            logger.info("SIGHUP reload done: changed %s; restart required for %s; loaded %s",
+                        details["changed"], details["restart_required"], details["loaded"])
+        except CommandError as exc:
+            logger.error("SIGHUP reload failed: %s", exc.message)
+        except Exception:
+            logger.exception("SIGHUP reload failed")
+        finally:
+            self._cmd_lock.release()
+
+    # ------------------------------------------------------------------ exclusive work
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Wait until no request runs, then hold executors off requests for the block."""
+        with self._gate:
+            self._exclusive_waiting += 1
+            try:
+                while self._exclusive_active or self._running_requests:
+                    self._gate.wait()
+            finally:
+                self._exclusive_waiting -= 1
+            self._exclusive_active = True
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._exclusive_active = False
+                self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[None]:
+        """Run one request: waits while exclusive work runs or waits to run."""
+        with self._gate:
+            while self._exclusive_active or self._exclusive_waiting:
+                self._gate.wait()
+            self._running_requests += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._running_requests -= 1
+                self._gate.notify_all()
+
+    # ------------------------------------------------------------------ bench
 
     def _do_bench(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Run the bench engine (the same as ``agentctl bench``) and queue its record."""
-        from agent.bench import BenchConfig, run_bench
+        """Queue a bench on the daemon's own worker and wait for it; queue its record.
 
-        record = run_bench(BenchConfig(
-            backend=self.config.backend, model=self.config.model, threads=self.config.threads,
-            threads_how=self.config.threads_how, max_tokens=int(cmd.get("max_tokens", 32)),
-            ignore_eos=bool(cmd.get("ignore_eos", True)), runs=int(cmd.get("runs", 3)),
-            warmup=int(cmd.get("warmup", 1)), context_tokens=self.config.context_tokens,
-        ))
+        Through the job queue, like a request: requests queued before it run first, later ones
+        wait behind it, and the executor runs it exclusively (no other executor generates
+        meanwhile), so its timings are not mixed with served requests and no second copy of
+        the model is loaded.
+
+        Raises:
+            CommandError: ``overloaded`` when the queue is full; ``failed`` when the bench
+                failed or the agent shut down first.
+        """
+        job = _BenchJob(cmd)
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise CommandError("overloaded", f"queue full ({self.config.admission.queue_size} "
+                                "waiting); try the bench again later") from None
+        job.done.wait()
+        if job.error is not None:
+            raise CommandError("failed", f"bench failed: {job.error}") from job.error
+        record = job.record
+        assert record is not None
         record.update(device=self.config.device, fleet=self.config.fleet,
                       seq=self._seq.next(), request_id=cmd.get("id"))
         if not self.config.log_content:
             for run in [*record.get("runs", []), record.get("cold") or {}]:
                 run.pop("text", None)
         self.outbox.put(self.topics.bench_result, self._encode(record), kind="bench")
-        return {"topic": self.topics.bench_result, "seq": record["seq"]}
+        return {"topic": self.topics.bench_result, "seq": record["seq"],
+                "worker_pid": job.worker_pid}
+
+    def _run_bench_job(self, job: _BenchJob, worker: InferenceWorker) -> None:
+        """Executor side of ``cmd/bench``: the bench engine on this executor's worker."""
+        from agent.bench import BenchConfig, run_bench
+
+        cmd, cfg = job.cmd, self.config
+        try:
+            with self._exclusive():
+                record = run_bench(BenchConfig(
+                    backend=cfg.backend, model=cfg.model, threads=cfg.threads,
+                    threads_how=cfg.threads_how, max_tokens=int(cmd.get("max_tokens", 32)),
+                    ignore_eos=bool(cmd.get("ignore_eos", True)), runs=int(cmd.get("runs", 3)),
+                    warmup=int(cmd.get("warmup", 1)), context_tokens=cfg.context_tokens,
+                    probe_root=cfg.probe_root,
+                ), worker=worker, sampler=self._sampler)
+            job.record, job.worker_pid = record, worker.pid
+        except Exception as exc:  # reported to the operator; the executor goes on
+            logger.exception("bench failed")
+            job.error = exc
+        finally:
+            self._last_activity_mono = time.monotonic()
+            job.done.set()
 
     # ------------------------------------------------------------------ replies
 
@@ -481,10 +788,29 @@ class AgentDaemon:
     # ------------------------------------------------------------------ execution
 
     def _execute_loop(self, index: int) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
+        # The fast sampling rate is held from the first job until the queue runs empty, not
+        # per request: back-to-back requests then never start inside a slow interval.
+        with contextlib.ExitStack() as fast_rate:
+            fast = False
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                if isinstance(job, _BenchJob):
+                    fast_rate.close()  # the bench sets its own rate
+                    fast = False
+                    self._run_bench_job(job, self._workers[index])
+                    continue
+                if not fast:
+                    fast_rate.enter_context(self._sampler.fast(self.config.fast_interval_s))
+                    fast = True
+                self._run_job(index, job)
+                if self._jobs.empty():
+                    fast_rate.close()
+                    fast = False
+
+    def _run_job(self, index: int, job: _Job) -> None:
+        with self._shared():
             self._inflight[index] = job
             self._last_activity_mono = time.monotonic()
             try:
@@ -496,12 +822,19 @@ class AgentDaemon:
             finally:
                 self._inflight.pop(index, None)
                 self._last_activity_mono = time.monotonic()
-            for waiter in self._idem.complete(job.request.id, final):
-                self._send(waiter, final, kind="result")
+        # After the outbox commit (in _execute), never before: see IdempotencyCache.complete.
+        if job.remember:
+            waiters = self._idem.complete(job.request.id, final)
+        else:
+            waiters = self._idem.forget(job.request.id)
+        for waiter in waiters:
+            self._send(waiter, final, kind="result")
 
     def _fail(self, job: _Job, code: str, message: str,
               details: dict[str, Any] | None = None) -> bytes:
         self.counters.errors[code] += 1
+        if details and details.get("retryable"):
+            job.remember = False
         return self._send_error(job.reply, job.request.id, code, message, details)
 
     def _execute(self, job: _Job, worker: InferenceWorker) -> bytes:
@@ -539,13 +872,19 @@ class AgentDaemon:
                     self.counters.chunks_dropped_offline += 1
                 index += 1
 
+        # Power samples on both sides of the execution window (a few sysfs reads each; the
+        # sampler thread's ticks are at fast_interval_s meanwhile, see _execute_loop). At the
+        # start only after idle (inside a fast stretch the last tick is recent enough) and
+        # only from cheap sources: this one delays the first token. The end sample replaces
+        # waiting for the sampler thread's next tick, so it is taken from every source.
+        self._sampler.sample_power_now(max_age_s=self.config.fast_interval_s,
+                                       max_cost_s=START_SAMPLE_MAX_COST_S)
         try:
-            with self._sampler.fast(self.config.fast_interval_s):
-                result = run_generation(worker, gen, accepted_ns=job.accepted_ns,
-                                        deadline_mono=job.deadline_mono, on_event=on_event)
-                energy = self._request_energy(result)
+            result = run_generation(worker, gen, accepted_ns=job.accepted_ns,
+                                    deadline_mono=job.deadline_mono, on_event=on_event)
         except BackendError as exc:
             return self._fail(job, exc.code, exc.message, exc.details)
+        energy = self._request_energy(result, closed=self._sampler.sample_power_now() is not None)
         t = result.timings
         for key in ("ttft_ms", "itl_ms", "e2e_ms"):
             self._hist[key].observe(getattr(t, key))
@@ -567,13 +906,21 @@ class AgentDaemon:
         self.counters.completed += 1
         return payload
 
-    def _request_energy(self, result: GenerationResult) -> dict[str, Any]:
-        """Energy of the execution window, split prefill/decode (DESIGN.md §5)."""
+    def _request_energy(self, result: GenerationResult, closed: bool) -> dict[str, Any]:
+        """Energy of the execution window, split prefill/decode (DESIGN.md §5).
+
+        Args:
+            result: The generation, with its window's timestamps.
+            closed: A power sample was taken after the window ended, so there is nothing to
+                wait for. Otherwise (no source that can be sampled on demand, e.g. only the
+                estimate probe) wait briefly for the sampler thread's next tick, and only
+                when there is power to integrate.
+        """
         t0 = result.started_ns / 1e9
         t1 = result.end_ns / 1e9
         latest = self._sampler.latest()
-        # Wait for the sample that closes the window only when there is power to integrate.
-        settle = 3 * self.config.fast_interval_s if latest is not None and latest.power else 0.0
+        settle = (3 * self.config.fast_interval_s
+                  if not closed and latest is not None and latest.power else 0.0)
         total = self._energy.measure(t0, t1, tokens=result.completion_tokens or None,
                                      settle_timeout_s=settle)
         out = energy_fields(total)
@@ -696,20 +1043,28 @@ class AgentDaemon:
         idle_for = now - self._last_activity_mono
         due = (self._last_baseline_mono is None
                or now - self._last_baseline_mono >= self.config.baseline_every_s)
-        if not self._inflight and idle_for >= self.config.baseline_window_s and due:
+        busy = self._inflight or self._exclusive_active  # a bench is not idle either
+        if not busy and idle_for >= self.config.baseline_window_s and due:
             self._last_baseline_mono = now
             self._energy.measure_baseline(now - self.config.baseline_window_s, now)
 
     def run_forever(self) -> int:
-        """Run until SIGTERM/SIGINT; return the process exit code (0 on a clean stop)."""
+        """Run until SIGTERM/SIGINT; return the process exit code (0 on a clean stop).
+
+        SIGHUP reloads the configuration (see :meth:`_do_reload`), on a command thread started
+        from this loop: the handler itself only sets an event.
+        """
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
         self.start()
         notify("READY=1\nSTATUS=serving " + self.config.model.name)
         tick_s = min(0.5, watchdog_interval_s() or 0.5)
         while not self._stop.wait(tick_s):
             # Fed from the main loop, not a side thread: a hung loop stops the pings.
             notify("WATCHDOG=1")
+            if self._reload_requested.is_set():
+                self._start_signal_reload()
             try:
                 self._tick()
             except Exception:
@@ -732,7 +1087,10 @@ class AgentDaemon:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            if isinstance(job, _BenchJob):
+                job.error = RuntimeError("the agent is shutting down")
+                job.done.set()
+            elif job is not None:
                 self._refuse(job.request.id, job.reply, "the agent is shutting down",
                              {"retryable": True, "reason": "shutting_down"})
         for _ in self._executors:
@@ -759,7 +1117,18 @@ class AgentDaemon:
         for w in self._workers:
             w.stop(timeout_s=1.0 / len(self._workers))
         self.outbox.close()
+        self._results.close()
         logger.info("stopped")
+
+
+def _worker_config(config: DaemonConfig, base: WorkerConfig | None = None) -> WorkerConfig:
+    """The worker's configuration for ``config``'s model (keeping ``base``'s supervision)."""
+    spec = ModelSpec(config.model.name, config.model.path, config.model.format,
+                     config.model.sha256)
+    options = BackendOptions(threads=config.threads, context_tokens=config.context_tokens)
+    if base is None:
+        return WorkerConfig(backend=config.backend, model=spec, options=options)
+    return dataclasses.replace(base, backend=config.backend, model=spec, options=options)
 
 
 def energy_fields(res: EnergyResult) -> dict[str, Any]:

@@ -448,6 +448,17 @@ class EnergyIntegrator:
         """The idle baseline in use, if any."""
         return self._baseline
 
+    @property
+    def min_coverage(self) -> float:
+        """Smallest window coverage for which an energy is reported, 0-1."""
+        return self._min_coverage
+
+    def set_min_coverage(self, min_coverage: float) -> None:
+        """Change the coverage threshold (config reload); applies to the next window."""
+        if not 0.0 <= min_coverage <= 1.0:
+            raise ValueError("min_coverage must be in [0, 1]")
+        self._min_coverage = min_coverage
+
     def set_baseline(self, baseline: IdleBaseline | None) -> None:
         """Use ``baseline`` for net energy (None: no net figures)."""
         self._baseline = baseline

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.base import Availability, PowerReading, Probe, readings_as_dict
+from probes.base import Availability, PowerCoverage, PowerReading, Probe, readings_as_dict
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,10 @@ class Snapshot:
         power: Every power source the probes reported at this tick.
         errors: Probe name -> error text for probes that failed at this tick.
         interval_s: Sampling interval in force when the tick was taken, s.
-        seq: Tick number since the sampler started (gaps are skipped ticks).
+        seq: Tick number since the sampler started (gaps are skipped ticks); an on-demand
+            snapshot carries the number of the tick before it.
+        partial: An on-demand power sample (:meth:`Sampler.sample_power_now`): ``readings``
+            and ``power`` hold the power sources only.
     """
 
     ts_unix_ms: int
@@ -56,6 +59,7 @@ class Snapshot:
     errors: dict[str, str]
     interval_s: float = 0.0
     seq: int = 0
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class SamplerStats:
         listener_errors: Exceptions raised by listeners.
         probe_errors: Probe name -> total exceptions raised by ``sample()``/``power()``.
         last_tick_cost_s: Wall time the last tick took, s.
+        on_demand_samples: Snapshots taken by :meth:`Sampler.sample_power_now`.
     """
 
     ticks: int
@@ -75,6 +80,7 @@ class SamplerStats:
     listener_errors: int
     probe_errors: dict[str, int]
     last_tick_cost_s: float | None
+    on_demand_samples: int = 0
 
 
 def next_deadline(deadline: float, now: float, interval_s: float) -> tuple[float, int]:
@@ -112,6 +118,10 @@ class _ProbeState:
     # Inside fast() windows only power sources need the high rate; the others keep their
     # base-rate reading, carried forward (see sample_once).
     gives_power: bool = False
+    # A power model over a rate (the estimate probe): never sampled on demand.
+    rate_based: bool = False
+    # Wall time of the last successful sample()+power(), s (for sample_power_now's max_cost_s).
+    last_cost_s: float | None = None
     samples: int = 0
     last_sample_mono: float | None = None
     last_readings: dict[str, Any] | None = None
@@ -163,6 +173,9 @@ class Sampler:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
+        # Held around power probes' reads, by the sampler thread and sample_power_now().
+        self._power_lock = threading.Lock()
+        self._on_demand = 0
         self._data_lock = threading.Lock()
         self._history: collections.deque[Snapshot] = collections.deque(maxlen=history_len)
         self._latest: Snapshot | None = None
@@ -180,6 +193,14 @@ class Sampler:
         """Interval in force now: the base interval, or the fastest active :meth:`fast` one."""
         with self._cond:
             return min([self._base_interval_s, *self._fast_intervals])
+
+    def set_interval(self, interval_s: float) -> None:
+        """Change the base interval (config reload); the thread picks it up at once."""
+        if interval_s <= 0:
+            raise ValueError("interval_s must be > 0")
+        with self._cond:
+            self._base_interval_s = interval_s
+            self._cond.notify_all()
 
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(snapshot)`` on the sampler thread after every tick; it must not block."""
@@ -268,6 +289,7 @@ class Sampler:
                 listener_errors=self._listener_errors,
                 probe_errors={st.key: st.total_errors for st in self._states},
                 last_tick_cost_s=self._last_cost,
+                on_demand_samples=self._on_demand,
             )
 
     def _health_of(self, st: _ProbeState) -> Availability:
@@ -302,53 +324,86 @@ class Sampler:
                 st.availability = avail
                 st.checked_at = now
 
+    def _sample_probe(self, st: _ProbeState, t_mono: float, readings: dict[str, dict[str, Any]],
+                      power: list[PowerReading], errors: dict[str, str]) -> None:
+        """Sample one probe into the tick's dicts, isolating whatever it raises."""
+        started = time.perf_counter()
+        try:
+            raw = st.probe.sample()
+            as_dict = readings_as_dict(raw)
+            pw = st.probe.power(raw)
+        except Exception as exc:  # isolate every probe, whatever it raises
+            msg = f"{type(exc).__name__}: {exc}"
+            errors[st.key] = msg
+            with self._data_lock:
+                st.consecutive_errors += 1
+                st.total_errors += 1
+                st.last_error = msg
+                if st.consecutive_errors == self._degrade_after:
+                    logger.warning("probe %s degraded: %s", st.key, msg)
+            return
+        st.last_cost_s = time.perf_counter() - started
+        readings[st.key] = as_dict
+        power.extend(pw)
+        st.last_readings = as_dict
+        st.last_sample_mono = t_mono
+        st.samples += 1
+        st.gives_power = st.gives_power or bool(pw)
+        st.rate_based = st.rate_based or any(
+            r.covers == PowerCoverage.ESTIMATE for r in pw)
+        if st.consecutive_errors:
+            with self._data_lock:
+                if st.consecutive_errors >= self._degrade_after:
+                    logger.info("probe %s recovered", st.key)
+                st.consecutive_errors = 0
+
+    def _append_locked(self, snap: Snapshot) -> None:
+        """Add ``snap`` to the history in time order.
+
+        An on-demand power sample can be taken while a tick samples its other probes, so the
+        tick may arrive second.
+        """
+        hist = self._history
+        if not hist or hist[-1].t_mono_s <= snap.t_mono_s:
+            hist.append(snap)
+            return
+        if len(hist) == hist.maxlen:
+            hist.popleft()
+        i = len(hist)
+        while i > 0 and hist[i - 1].t_mono_s > snap.t_mono_s:
+            i -= 1
+        hist.insert(i, snap)
+
     def sample_once(self) -> Snapshot:
         """Take one tick synchronously: check due probes, sample, store, notify listeners."""
         self.check_probes()
-        t_mono = self._clock()
-        ts_ms = int(self._wall_clock() * 1000)
         readings: dict[str, dict[str, Any]] = {}
         power: list[PowerReading] = []
         errors: dict[str, str] = {}
         fast = self.interval_s < self._base_interval_s
-        for st in self._states:
-            if not st.availability.ok:
-                continue
-            # A rate-based power source (the estimate probe) reports no power on its first
-            # sample, so a probe counts as "no power" only after two samples without any.
-            if (fast and not st.gives_power and st.samples >= 2
-                    and st.last_readings is not None and st.last_sample_mono is not None
+        active = [st for st in self._states if st.availability.ok]
+        # A rate-based power source (the estimate probe) reports no power on its first
+        # sample, so a probe counts as "no power" only after two samples without any.
+        power_first = [st for st in active if st.gives_power or st.samples < 2]
+        others = [st for st in active if not (st.gives_power or st.samples < 2)]
+        # Power sources first, under the lock sample_power_now() takes: the tick's time is
+        # the time of its power readings, and a counter's delta is never split between two
+        # threads out of order.
+        with self._power_lock:
+            t_mono = self._clock()
+            ts_ms = int(self._wall_clock() * 1000)
+            for st in power_first:
+                self._sample_probe(st, t_mono, readings, power, errors)
+        for st in others:
+            if (fast and st.last_readings is not None and st.last_sample_mono is not None
                     and t_mono - st.last_sample_mono < self._base_interval_s * 0.95):
                 # Energy windows need power at >= 10 Hz, not CPU or thermal readings: sampling
                 # every probe that fast cost ~3 % of a core on a 2-core board (measured by
                 # benchmarks/sampler_cost.py) and slowed the very inference being measured.
                 readings[st.key] = st.last_readings
                 continue
-            try:
-                raw = st.probe.sample()
-                as_dict = readings_as_dict(raw)
-                pw = st.probe.power(raw)
-            except Exception as exc:  # isolate every probe, whatever it raises
-                msg = f"{type(exc).__name__}: {exc}"
-                errors[st.key] = msg
-                with self._data_lock:
-                    st.consecutive_errors += 1
-                    st.total_errors += 1
-                    st.last_error = msg
-                    if st.consecutive_errors == self._degrade_after:
-                        logger.warning("probe %s degraded: %s", st.key, msg)
-                continue
-            readings[st.key] = as_dict
-            power.extend(pw)
-            st.last_readings = as_dict
-            st.last_sample_mono = t_mono
-            st.samples += 1
-            st.gives_power = st.gives_power or bool(pw)
-            if st.consecutive_errors:
-                with self._data_lock:
-                    if st.consecutive_errors >= self._degrade_after:
-                        logger.info("probe %s recovered", st.key)
-                    st.consecutive_errors = 0
+            self._sample_probe(st, t_mono, readings, power, errors)
+        readings = {st.key: readings[st.key] for st in self._states if st.key in readings}
         cost = self._clock() - t_mono
         interval_s = self.interval_s
         with self._data_lock:
@@ -363,7 +418,7 @@ class Sampler:
                 seq=self._seq,
             )
             self._latest = snap
-            self._history.append(snap)
+            self._append_locked(snap)
             self._ticks += 1
             self._last_cost = cost
             listeners = list(self._listeners)
@@ -374,6 +429,69 @@ class Sampler:
                 with self._data_lock:
                     self._listener_errors += 1
                 logger.exception("sampler listener %r failed", fn)
+        return snap
+
+    def sample_power_now(self, max_age_s: float | None = None,
+                         max_cost_s: float | None = None) -> Snapshot | None:
+        """Sample the power sources now, from the calling thread, into the history only.
+
+        Per-request energy calls this at the start and at the end of the execution window, so
+        the window is bracketed by samples however short it is and whatever the sampler
+        thread's phase (with 1 Hz ticks a 0.3 s request could start just after one and end
+        before the next). It runs only probes that gave power and are not rate-based: a
+        counter (RAPL, NVML energy) or a rail read twice in a few ms is still exact, while
+        a power *model* over a CPU-time rate (the estimate probe) needs the full interval and
+        keeps its state on the sampler thread. Thread-safe with the sampler thread: the two
+        take the same lock around power probes, so each counter delta covers the interval
+        since the other's read, in time order.
+
+        The snapshot is ``partial`` (power probes' readings only): it goes to :meth:`history`
+        for the energy integrator but is not :meth:`latest` and reaches no listener, so
+        telemetry never sees it. Errors are not counted towards degrading the probe either
+        (the sampler thread's ticks do that).
+
+        Args:
+            max_age_s: Return the newest snapshot with power instead of sampling when it is at
+                most this old (a window start inside a fast-rate stretch needs no extra read).
+            max_cost_s: Leave out probes whose last sample took longer than this (wall time),
+                e.g. a Raspberry Pi PMIC read through a ``vcgencmd`` fork, when the caller
+                must not wait (a request about to start).
+
+        Returns:
+            The snapshot, or None when no such power source is known (yet).
+        """
+        states = [st for st in self._states
+                  if st.availability.ok and st.gives_power and not st.rate_based
+                  and (max_cost_s is None or (st.last_cost_s or 0.0) <= max_cost_s)]
+        if not states:
+            return None
+        if max_age_s is not None:
+            with self._data_lock:
+                recent = next((h for h in reversed(self._history) if h.power), None)
+            if recent is not None and self._clock() - recent.t_mono_s <= max_age_s:
+                return recent
+        readings: dict[str, dict[str, Any]] = {}
+        power: list[PowerReading] = []
+        with self._power_lock:
+            t_mono = self._clock()
+            ts_ms = int(self._wall_clock() * 1000)
+            for st in states:
+                started = time.perf_counter()
+                try:
+                    raw = st.probe.sample()
+                    readings[st.key] = readings_as_dict(raw)
+                    power.extend(st.probe.power(raw))
+                    st.last_cost_s = time.perf_counter() - started
+                except Exception as exc:
+                    logger.debug("on-demand power sample of %s failed: %s", st.key, exc)
+        if not power:
+            return None
+        with self._data_lock:
+            snap = Snapshot(ts_unix_ms=ts_ms, t_mono_s=t_mono, readings=readings,
+                            power=tuple(power), errors={}, interval_s=self.interval_s,
+                            seq=self._seq, partial=True)
+            self._append_locked(snap)
+            self._on_demand += 1
         return snap
 
     def _run(self) -> None:

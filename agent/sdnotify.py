@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -43,3 +44,13 @@ def watchdog_interval_s() -> float | None:
         return max(0.1, int(usec) / 2e6)
     except ValueError:
         return None
+
+
+def reloading_message() -> str:
+    """``RELOADING=1`` with the ``MONOTONIC_USEC=`` systemd wants with it (sd_notify(3)).
+
+    systemd uses the timestamp to tell this reload from an earlier one; CLOCK_MONOTONIC in
+    microseconds, the clock it reads itself.
+    """
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return f"RELOADING=1\nMONOTONIC_USEC={usec}"

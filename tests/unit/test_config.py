@@ -61,6 +61,7 @@ def test_file_env_flag_precedence(tmp_path: Path) -> None:
         ("fleet = 'x'\n", "must be a [section]"),
         ("[agent\n", "not valid TOML"),
         ("[mqtt]\nreconnect_min_s = 10.0\nreconnect_max_s = 1.0\n", "reconnect_max_s"),
+        ("[agent]\nlog_level = 'loud'\n", "agent.log_level must be one of debug"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -120,3 +121,26 @@ def test_cli_run_bad_config_exits_78(tmp_path: Path) -> None:
     assert res.exit_code == 78 and "admission.queue" in res.output
     res = CliRunner().invoke(main, ["run", "--fleet", "f"], env={"EDGELM_CONFIG": ""})
     assert res.exit_code == 78 and "agent.device is required" in res.output
+
+
+def test_daemon_config_carries_log_level_and_reloads_with_the_start_flags(
+    tmp_path: Path,
+) -> None:
+    from agent.cli_ops import daemon_config_loader
+
+    p = write(tmp_path, '[agent]\nfleet = "f"\nlog_level = "debug"\n'
+                        '[admission]\nrate_limit = 5\n')
+    load = daemon_config_loader(str(p), {"device": "dev-1", "broker": "mqtt://flag:1884",
+                                         "threads": "1"})
+    first = load()
+    assert first.log_level == "debug" and first.admission.rate_limit == 5
+    assert (first.broker.host, first.broker.port) == ("flag", 1884)
+    p.write_text('[agent]\nfleet = "f"\n[admission]\nrate_limit = 7\n'
+                 '[mqtt]\nbroker = "mqtt://file:1885"\n')
+    second = load()  # the file again, under the same flags: the flag still wins for broker
+    assert second.log_level is None and second.admission.rate_limit == 7
+    assert (second.broker.host, second.broker.port) == ("flag", 1884)
+    assert second.device == "dev-1" and second.threads == 1
+    p.write_text('[admission]\nrate_limit = "many"\n')
+    with pytest.raises(ConfigError, match=r"admission.rate_limit"):
+        load()

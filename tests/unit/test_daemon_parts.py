@@ -1,17 +1,25 @@
-"""Pure parts of the daemon contract: request fuzzing, commands, energy fields, Prometheus."""
+"""Pure parts of the daemon contract: request fuzzing, commands, energy fields, Prometheus,
+what a configuration reload may apply."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.daemon import energy_fields
+from agent.admission import AdmissionConfig
+from agent.daemon import DaemonConfig, applicable, config_changes, energy_fields
 from agent.energy import integrate
 from agent.errors import RequestError
+from agent.models import ResolvedModel
+from agent.mqtt import BrokerConfig
+from agent.outbox import OutboxConfig
 from agent.prometheus import Histogram, PrometheusServer, flatten_numeric, render_gauges
 from agent.protocol import parse_command, parse_request, peek_request_id
 from agent.sampler import Snapshot
@@ -140,3 +148,78 @@ def test_prometheus_server_serves_on_loopback() -> None:
             assert r.read() == b"edgelm_up 1\n"
     finally:
         server.stop()
+
+
+def _daemon_config(**changes: Any) -> DaemonConfig:
+    base = DaemonConfig(
+        broker=BrokerConfig("127.0.0.1", 1883), fleet="f", device="d",
+        state_dir=Path("/tmp/state"), backend="llamacpp",
+        model=ResolvedModel("m", Path("/m.gguf"), "gguf", "ab" * 32, 10), threads=2)
+    return dataclasses.replace(base, **changes)
+
+
+def test_reload_names_changed_keys_and_those_needing_a_restart() -> None:
+    old = _daemon_config()
+    assert config_changes(old, old) == ([], [])
+    new = _daemon_config(
+        broker=BrokerConfig("10.0.0.9", 1883, keepalive_s=10), telemetry_interval_s=0.5,
+        admission=AdmissionConfig(rate_limit=3, concurrency=2, max_payload_bytes=4096),
+        outbox=OutboxConfig(ttl_s=60.0, inflight_window=8), threads=1, log_level="debug",
+        probe_root="/elsewhere")
+    changed, restart = config_changes(old, new)
+    assert changed == sorted([
+        "mqtt.broker", "mqtt.keepalive_s", "telemetry.interval_s", "admission.rate_limit",
+        "admission.concurrency", "admission.max_payload_bytes", "outbox.ttl_s",
+        "outbox.inflight_window", "model.threads", "agent.log_level", "telemetry.probe_root"])
+    assert restart == ["admission.concurrency", "mqtt.broker", "mqtt.keepalive_s",
+                       "outbox.inflight_window", "telemetry.probe_root"]
+    applied = applicable(old, new)
+    # what needs a restart keeps its running value; everything else is the new one
+    assert applied.broker == old.broker and applied.probe_root == "/"
+    assert applied.admission == dataclasses.replace(new.admission, concurrency=1)
+    assert applied.outbox.inflight_window == 64 and applied.outbox.ttl_s == 60.0
+    assert (applied.telemetry_interval_s, applied.threads, applied.log_level) == (
+        0.5, 1, "debug")
+    assert config_changes(old, applied)[1] == []
+
+
+def test_exclusive_work_waits_for_running_requests_and_holds_new_ones(tmp_path: Path) -> None:
+    """The executor gate: a bench (exclusive) never overlaps a request (shared)."""
+    import threading
+
+    from agent.daemon import AgentDaemon
+
+    daemon = AgentDaemon(_daemon_config(state_dir=tmp_path, probe_names=("memory",)))
+    events: list[str] = []
+    in_request = threading.Event()
+    finish_request = threading.Event()
+
+    def request(name: str) -> None:
+        with daemon._shared():
+            events.append(f"{name} start")
+            in_request.set()
+            finish_request.wait(5)
+            events.append(f"{name} end")
+
+    def bench() -> None:
+        with daemon._exclusive():
+            events.append("bench start")
+            events.append("bench end")
+
+    first = threading.Thread(target=request, args=("r1",))
+    first.start()
+    assert in_request.wait(5)
+    excl = threading.Thread(target=bench)
+    excl.start()
+    while not daemon._exclusive_waiting:  # the bench waits for r1
+        threading.Event().wait(0.001)
+    in_request.clear()
+    second = threading.Thread(target=request, args=("r2",))
+    second.start()  # queued behind the waiting bench, not admitted next to r1
+    assert not in_request.wait(0.2)
+    finish_request.set()
+    for t in (first, excl, second):
+        t.join(5)
+    assert events == ["r1 start", "r1 end", "bench start", "bench end", "r2 start", "r2 end"]
+    daemon.outbox.close()
+    daemon._results.close()

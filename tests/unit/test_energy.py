@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from agent.energy import EnergyIntegrator, IdleBaseline, integrate
-from agent.sampler import Snapshot
+from agent.sampler import Sampler, Snapshot
 from probes.base import PowerCoverage, PowerReading
+from probes.rapl import RaplProbe
+from tests.unit.sysfs_fixtures import copy_fixture, write
 
 B = PowerCoverage.BOARD_INPUT
 CPU = PowerCoverage.CPU_PACKAGE
@@ -219,3 +222,46 @@ def test_no_baseline_without_power() -> None:
     integ = EnergyIntegrator(FakeHistory([snap(0.0), snap(1.0)]))
     assert integ.measure_baseline(0.0, 1.0) is None
     assert integ.baseline is None
+
+
+def test_short_window_is_covered_by_on_demand_samples_on_the_rapl_fixture(
+    tmp_path: Path,
+) -> None:
+    """A 0.25 s request that starts just after a 1 Hz tick: bracketed, it has energy."""
+    root = copy_fixture("x86-rapl-1pkg", tmp_path)
+    pkg = "/sys/class/powercap/intel-rapl:0/energy_uj"
+    energy_uj = int((root / pkg.lstrip("/")).resolve().read_text())
+    clock = FakeClock(100.0)
+    sampler = Sampler([RaplProbe(root, clock=clock)], interval_s=1.0, clock=clock)
+    integrator = EnergyIntegrator(sampler, min_coverage=0.9, clock=clock)
+    sampler.sample_once()
+    clock.t = 101.0
+    energy_uj += 2_000_000  # 2 W while idle
+    write(root, pkg, energy_uj)
+    sampler.sample_once()  # the last 1 Hz tick before the request
+    clock.t = 101.02
+    energy_uj += 40_000
+    write(root, pkg, energy_uj)
+    assert sampler.sample_power_now() is not None  # window start
+    t0, t1 = 101.03, 101.28
+    clock.t = 101.29
+    energy_uj += 2_700_000  # 10 W over the 0.27 s since the start sample
+    write(root, pkg, energy_uj)
+    # no sampler-thread tick after t1 yet: without an end sample there is nothing to close
+    unclosed = integrator.measure(t0, t1, tokens=4)
+    assert unclosed.gross_energy_mj is None and unclosed.reason
+    assert sampler.sample_power_now() is not None  # window end
+    res = integrator.measure(t0, t1, tokens=4)
+    assert res.coverage == pytest.approx(1.0)
+    assert res.sources == ("rapl:dram-0", "rapl:package-0")  # the dram counter stood still
+    # the interval between the two on-demand samples is pro-rated: 2700 mJ * 0.25 / 0.27
+    assert res.gross_energy_mj == pytest.approx(2700.0 * 0.25 / 0.27)
+    assert res.mean_power_mw == pytest.approx(10_000.0)
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,3 +312,162 @@ def test_a_rate_based_power_source_is_not_mistaken_for_a_plain_probe() -> None:
             snap = s.sample_once()
     assert late.n == 6
     assert snap.power and snap.power[0].power_mw == 5000.0
+
+
+# -- on-demand power samples ----------------------------------------------------------------
+
+
+class CounterProbe(Probe):
+    """An energy counter like RAPL: each sample reports the energy since the previous one."""
+
+    name = "counter"
+
+    def __init__(self, root: str = "/") -> None:
+        super().__init__(root)
+        self.total_uj = 0
+        self.prev: int | None = None
+        self.lock = threading.Lock()
+
+    def check(self) -> Availability:
+        return Availability(True)
+
+    def sample(self) -> CountReadings:
+        with self.lock:
+            self.total_uj += 1000  # 1 mJ consumed between any two reads
+            cur = self.total_uj
+        delta = None if self.prev is None else cur - self.prev
+        self.prev = cur
+        return CountReadings(cur, None if delta is None else delta / 1000.0)
+
+    def power(self, readings: Any) -> list[PowerReading]:
+        if readings.power_mw is None:
+            return []
+        return [PowerReading("counter:pkg", PowerCoverage.CPU_PACKAGE, None,
+                             energy_mj=readings.power_mw)]
+
+
+def test_sample_power_now_needs_a_known_power_source() -> None:
+    clock = FakeClock()
+    s = Sampler([PlainProbe(), LateRateProbe()], clock=clock)
+    assert s.sample_power_now() is None  # nothing sampled yet: no source known
+    for _ in range(3):
+        clock.t += 1.0
+        s.sample_once()
+    assert s.latest() is not None and s.latest().power  # the estimate-like source gives power
+    # ...but it is a rate-based model: never sampled from a second thread
+    assert s.sample_power_now() is None
+
+
+def test_sample_power_now_is_partial_history_only_and_reads_power_probes_only() -> None:
+    clock = FakeClock()
+    counter, plain = CounterProbe(), PlainProbe()
+    s = Sampler([counter, plain], clock=clock)
+    seen: list[Snapshot] = []
+    s.add_listener(seen.append)
+    for _ in range(3):
+        clock.t += 1.0
+        s.sample_once()
+    tick = s.latest()
+    clock.t += 0.25
+    snap = s.sample_power_now()
+    assert snap is not None and snap.partial
+    assert snap.t_mono_s == clock.t
+    assert set(snap.readings) == {"counter"}  # the plain probe was not read
+    assert plain.n == 3
+    assert snap.power[0].energy_mj == pytest.approx(1.0)
+    assert s.latest() is tick  # telemetry never sees it
+    assert seen == [s.history()[i] for i in range(3)]  # nor do listeners
+    assert s.history()[-1] is snap
+    assert s.stats().on_demand_samples == 1
+    clock.t += 0.75
+    after = s.sample_once()  # the next tick's delta starts at the on-demand read
+    assert after.power[0].energy_mj == pytest.approx(1.0)
+    assert not after.partial
+    clock.t += 0.05
+    assert s.sample_power_now(max_age_s=0.1) is after  # recent enough: no extra read
+    assert s.stats().on_demand_samples == 1
+    clock.t += 0.1
+    fresh = s.sample_power_now(max_age_s=0.1)
+    assert fresh is not None and fresh is not after and fresh.t_mono_s == clock.t
+
+
+def test_history_stays_in_time_order_when_an_on_demand_sample_lands_mid_tick() -> None:
+    clock = FakeClock(10.0)
+    s = Sampler([CounterProbe()], history_len=4, clock=clock)
+    for _ in range(4):
+        clock.t += 1.0
+        s.sample_once()
+    # a tick taken at t=15 whose snapshot is stored after an on-demand one at t=15.5
+    late = Snapshot(ts_unix_ms=0, t_mono_s=15.0, readings={}, power=(), errors={})
+    clock.t = 15.5
+    s.sample_power_now()
+    with s._data_lock:
+        s._append_locked(late)
+    times = [h.t_mono_s for h in s.history()]
+    assert times == sorted(times) == [13.0, 14.0, 15.0, 15.5]
+
+
+def test_on_demand_and_thread_samples_split_a_counter_exactly() -> None:
+    """Two threads reading one counter: every delta is counted once, in time order."""
+    counter = CounterProbe()
+    s = Sampler([counter], interval_s=0.001, history_len=100_000)
+    s.sample_once()
+    s.sample_once()  # the counter is now a known power source
+    s.start()
+    try:
+        for _ in range(300):
+            assert s.sample_power_now() is not None
+    finally:
+        s.stop()
+    hist = s.history()
+    assert [h.t_mono_s for h in hist] == sorted(h.t_mono_s for h in hist)
+    total_mj = sum(r.energy_mj or 0.0 for h in hist for r in h.power)
+    # every read after the first adds 1 mJ, whichever thread made it
+    assert total_mj == pytest.approx(counter.total_uj / 1000.0 - 1.0)
+    assert any(h.partial for h in hist) and any(not h.partial for h in hist)
+
+
+def test_set_interval_changes_the_base_rate() -> None:
+    s = Sampler([], interval_s=1.0)
+    with s.fast(0.1):
+        s.set_interval(5.0)
+        assert s.interval_s == 0.1
+    assert s.interval_s == 5.0
+    with pytest.raises(ValueError):
+        s.set_interval(0)
+
+
+def test_set_interval_wakes_the_thread() -> None:
+    ticks = threading.Semaphore(0)
+    s = Sampler([CountingProbe()], interval_s=3600.0)
+    s.add_listener(lambda _snap: ticks.release())
+    s.start()
+    try:
+        assert ticks.acquire(timeout=5)  # the first tick is immediate
+        s.set_interval(0.01)
+        assert ticks.acquire(timeout=5)  # not an hour later
+    finally:
+        s.stop()
+
+
+class SlowCounterProbe(CounterProbe):
+    name = "slow"
+
+    def sample(self) -> CountReadings:
+        time.sleep(0.02)  # like a vcgencmd fork on a Pi
+        return super().sample()
+
+
+def test_sample_power_now_can_leave_out_expensive_sources() -> None:
+    clock = FakeClock()
+    fast_src, slow_src = CounterProbe(), SlowCounterProbe()
+    s = Sampler([fast_src, slow_src], clock=clock)
+    s.sample_once()
+    s.sample_once()
+    clock.t += 0.5
+    cheap = s.sample_power_now(max_cost_s=0.005)
+    assert cheap is not None and set(cheap.readings) == {"counter"}
+    clock.t += 0.5
+    every = s.sample_power_now()
+    assert every is not None and set(every.readings) == {"counter", "slow"}
+    assert s.sample_power_now(max_cost_s=0.0) is None  # nothing that cheap
