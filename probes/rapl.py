@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from probes.base import Availability, PowerCoverage, PowerReading, Probe
+from probes.base import Availability, LayoutCache, PowerCoverage, PowerReading, Probe
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,16 @@ class _Zone:
     sub: int | None
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The zones and their static attributes (``name``, package id, ``max_energy_range_uj``)."""
+
+    zones: tuple[_Zone, ...]
+    names: dict[str, str]
+    pkg_of_top: dict[tuple[str, int], int | None]
+    max_range_uj: dict[str, int | None]
+
+
 def wrap_delta_uj(prev: int, cur: int, max_range_uj: int | None) -> int | None:
     """Counter delta with at most one wrap; None when it went backwards and the range is unknown.
 
@@ -135,6 +145,7 @@ class RaplProbe(Probe):
         max_power_w: Highest power one zone can draw, W; sets the longest interval in which a
             wrap is still detectable (see module docstring).
         clock: Monotonic clock, s (injectable for tests).
+        rediscover_s: How long the discovered zones are trusted before they are re-read, s.
     """
 
     name = "rapl"
@@ -145,12 +156,16 @@ class RaplProbe(Probe):
         *,
         max_power_w: float = 500.0,
         clock: Callable[[], float] = time.monotonic,
+        rediscover_s: float = 60.0,
     ) -> None:
         super().__init__(root)
         self._max_power_w = max_power_w
         self._clock = clock
         self._prev: dict[str, int] = {}
         self._prev_t: float | None = None
+        # Only energy_uj changes; reading the rest (12 files on a 2-package machine) every
+        # tick was ~90 % of the probe's cost.
+        self._layout = LayoutCache(self._discover, max_age_s=rediscover_s, clock=clock)
 
     def _zones(self) -> list[_Zone]:
         zones: list[_Zone] = []
@@ -169,6 +184,18 @@ class RaplProbe(Probe):
             )
         zones.sort(key=lambda z: (z.interface, z.top, -1 if z.sub is None else z.sub))
         return zones
+
+    def _discover(self) -> _Layout:
+        """Zones, their names, package ids and counter ranges: fixed while the driver is loaded."""
+        zones = self._zones()
+        names = {z.zone: self.fs.read_text(f"{z.path}/name") or "" for z in zones}
+        pkg_of_top: dict[tuple[str, int], int | None] = {}
+        for z in zones:
+            if z.sub is None:
+                m = _PACKAGE.match(names[z.zone])
+                pkg_of_top[(z.interface, z.top)] = int(m.group(1)) if m else None
+        max_range = {z.zone: self.fs.read_int(f"{z.path}/max_energy_range_uj") for z in zones}
+        return _Layout(tuple(zones), names, pkg_of_top, max_range)
 
     def check(self) -> Availability:
         """Available when at least one zone's ``energy_uj`` can be read."""
@@ -195,23 +222,15 @@ class RaplProbe(Probe):
         now = self._clock()
         interval = now - self._prev_t if self._prev_t is not None else None
         self._prev_t = now
-        zones = self._zones()
-
-        names: dict[str, str] = {}
-        for z in zones:
-            names[z.zone] = self.fs.read_text(f"{z.path}/name") or ""
-
-        # package id of every top-level zone, from its name
-        pkg_of_top: dict[tuple[str, int], int | None] = {}
-        for z in zones:
-            if z.sub is None:
-                m = _PACKAGE.match(names[z.zone])
-                pkg_of_top[(z.interface, z.top)] = int(m.group(1)) if m else None
+        layout = self._layout.get()
+        zones, names, pkg_of_top = layout.zones, layout.names, layout.pkg_of_top
 
         raw: dict[str, tuple[int | None, str]] = {}
         for z in zones:
             text, err = self.fs.read_text_or_errno(f"{z.path}/energy_uj")
             if text is None:
+                if err == errno.ENOENT:
+                    self._layout.invalidate()  # zone gone (module unloaded): rediscover
                 why = "permission denied (root only)" if err == errno.EACCES else "unreadable"
                 raw[z.zone] = (None, why)
                 continue
@@ -239,7 +258,7 @@ class RaplProbe(Probe):
             if value is not None:
                 self._prev[z.zone] = value
                 if prev is not None and interval is not None and interval > 0:
-                    max_range = self.fs.read_int(f"{z.path}/max_energy_range_uj")
+                    max_range = layout.max_range_uj[z.zone]
                     if max_range and interval >= max_range / (self._max_power_w * 1e6):
                         valid = False
                         why = (

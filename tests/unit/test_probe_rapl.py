@@ -161,10 +161,11 @@ def test_malformed(tmp_path: Path) -> None:
 def test_backwards_without_range_is_invalid(tmp_path: Path) -> None:
     root = copy_fixture("x86-rapl-1pkg", tmp_path)
     clock = FakeClock()
+    # the range is static, read once per discovered layout: unreadable from the start
+    write(root, "/sys/class/powercap/intel-rapl:0/max_energy_range_uj", "")
     probe = RaplProbe(root, clock=clock)
     probe.sample()
     write(root, PKG0, 5)
-    write(root, "/sys/class/powercap/intel-rapl:0/max_energy_range_uj", "")
     clock.t += 1.0
     pkg = probe.sample().domains[0]
     assert not pkg.valid and pkg.energy_mj is None
@@ -174,3 +175,18 @@ def test_backwards_without_range_is_invalid(tmp_path: Path) -> None:
 def test_fixture_zones_are_links_like_the_kernel(board: str) -> None:
     link = fixture_root(board) / "sys/class/powercap/intel-rapl:0"
     assert link.is_symlink() and link.resolve().is_dir()
+
+
+def test_zone_layout_cached_counter_read_each_tick(tmp_path: Path) -> None:
+    root = copy_fixture("x86-rapl-1pkg", tmp_path)
+    clock = FakeClock()
+    probe = RaplProbe(root, clock=clock)
+    first = probe.sample().domains[0].energy_uj
+    assert first is not None
+    write(root, PKG0, first + 2_000_000)
+    write(root, "/sys/class/powercap/intel-rapl:0/name", "renamed")  # not re-read per tick
+    clock.t += 1.0
+    pkg = probe.sample().domains[0]
+    assert pkg.name == "package-0" and pkg.energy_mj == 2000.0 and pkg.power_mw == 2000.0
+    clock.t += 61.0  # past rediscover_s: the layout is read again
+    assert probe.sample().domains[0].name == "renamed"
