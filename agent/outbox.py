@@ -422,8 +422,18 @@ class OutboxDrainer:
         cfg = queue.config
         self._bucket = TokenBucket(cfg.replay_rate_per_s, burst=cfg.inflight_window)
         self._window = cfg.inflight_window
+        # Refill the window only once this much of it is free (or it is empty): one SQLite
+        # read then fetches a batch instead of one row per PUBACK.
+        self._refill_at = max(1, self._window // 2)
+        # Acknowledged rows are deleted in batches of this size (or when nothing is in
+        # flight): one DELETE commit per batch instead of one per message.
+        self._ack_batch = max(64, self._window // 2)
         self._inflight: collections.deque[tuple[int, PublishHandle]] = collections.deque()
         self._acked: list[int] = []
+        # PUBACKs counted by wake(); the kick is set only once ``_wake_at`` is reached, so a
+        # full window is refilled after one wake-up per batch rather than one per PUBACK.
+        self._wakes = 0
+        self._wake_at = 0
         self._stop = threading.Event()
         # Set by PUBACKs and (re)connects. A plain Event, not the queue's lock: the network
         # thread must never wait for a SQLite statement the drainer is running.
@@ -445,8 +455,25 @@ class OutboxDrainer:
             self._thread.join(timeout_s)
 
     def wake(self) -> None:
-        """Re-check the window now (call from paho's on_publish and on_connect; never blocks)."""
-        self._kick.set()
+        """Re-check the window (call from paho's on_publish and on_connect; never blocks).
+
+        While the window is full the drainer asks to be woken only after enough PUBACKs
+        to refill half of it; earlier calls only count. A wake-up this skips is never needed
+        for progress: the wait it would end has a 50 ms timeout.
+        """
+        self._wakes += 1
+        if self._wakes >= self._wake_at:
+            self._kick.set()
+
+    def _wait_acks(self, count: int, timeout_s: float) -> None:
+        """Sleep until ``count`` more wake() calls (PUBACKs) or ``timeout_s``."""
+        self._wake_at = self._wakes + count
+        try:
+            # Re-check after arming: PUBACKs that came before the arming are visible now.
+            if self._inflight and not self._inflight[-1][1].is_published():
+                self._kick.wait(timeout_s)
+        finally:
+            self._wake_at = 0
 
     def _pause(self, timeout_s: float) -> None:
         self._kick.wait(timeout_s)
@@ -460,7 +487,7 @@ class OutboxDrainer:
             self._acked.append(self._inflight.popleft()[0])
         # Deleting in batches keeps SQLite off the per-message path; a crash before the
         # delete only means those rows are sent again (at least once, deduplicated by seq).
-        if self._acked and (len(self._acked) >= 64 or not self._inflight):
+        if self._acked and (len(self._acked) >= self._ack_batch or not self._inflight):
             self._queue.ack(self._acked)
             self._acked = []
 
@@ -482,10 +509,12 @@ class OutboxDrainer:
                     # reconnect made paho forget are not skipped.
                     last_id = 0
                 room = self._window - len(self._inflight)
+                if self._inflight and room < self._refill_at:
+                    self._wait_acks(self._refill_at - room, 0.05)
+                    continue
                 tokens = self._bucket.available()
-                if room <= 0 or tokens <= 0:
-                    wait = self._bucket.seconds_until() if room > 0 else 0.05
-                    self._pause(min(0.05, max(0.001, wait)))
+                if tokens <= 0:
+                    self._pause(min(0.05, max(0.001, self._bucket.seconds_until())))
                     continue
                 rows = self._queue.peek(last_id, min(room, tokens))
                 if not rows:

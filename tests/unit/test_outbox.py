@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -204,3 +207,73 @@ def test_put_after_close_is_counted_not_raised(tmp_path: Path) -> None:
     q.ack([1])
     assert q.stats().dropped == {"closed:cmd": 1}
     assert OutboxQueue(tmp_path / "o.db").stats().depth == 1
+
+
+class CountingQueue(OutboxQueue):
+    """Records how many rows each non-empty read of the drainer fetched."""
+
+    def __init__(self, path: Path, config: OutboxConfig) -> None:
+        super().__init__(path, config)
+        self.rows_per_read: list[int] = []
+
+    def peek(self, after_id: int = 0, limit: int = 64) -> list[OutboxEntry]:
+        rows = super().peek(after_id, limit)
+        if rows:
+            self.rows_per_read.append(len(rows))
+        return rows
+
+
+class TrickleAckLink(FakeLink):
+    """Acknowledges one publish at a time from its own thread, calling ``on_ack`` after each
+    one, as paho's network thread does for every PUBACK."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: collections.deque[FakeHandle] = collections.deque()
+        self.on_ack: Callable[[], None] = lambda: None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._ack, daemon=True)
+        self.thread.start()
+
+    def publish_entry(self, entry: OutboxEntry) -> FakeHandle:
+        h = FakeHandle()
+        self.sent.append(entry.payload)
+        self.pending.append(h)
+        return h
+
+    def _ack(self) -> None:
+        while not self.stop.is_set():
+            if self.pending:
+                self.pending.popleft().done = True
+                self.on_ack()
+            # a pause after each PUBACK lets the drainer run between two of them
+            self.stop.wait(0.0002)
+
+
+def test_drainer_refills_a_full_window_in_batches(tmp_path: Path) -> None:
+    """With a full window the drainer waits for half of it to be acknowledged and then reads
+    that many rows at once: one SQLite read per batch, not one per PUBACK."""
+    window = 32
+    q = CountingQueue(tmp_path / "o.db", OutboxConfig(replay_rate_per_s=1e9,
+                                                      inflight_window=window))
+    n = 1000
+    for i in range(n):
+        q.put("t", str(i).encode())
+    link = TrickleAckLink()
+    d = OutboxDrainer(q, link)
+    link.on_ack = d.wake
+    link.connected.set()
+    d.start()
+    try:
+        end = time.monotonic() + 60
+        while q.stats().depth and time.monotonic() < end:
+            time.sleep(0.01)
+        assert q.stats().depth == 0 and q.stats().published == n
+        assert link.sent == [str(i).encode() for i in range(n)]
+        assert sum(q.rows_per_read) == n
+        # every read but the last (the tail of the queue) fetched at least half a window
+        assert min(q.rows_per_read[:-1]) >= window // 2, q.rows_per_read
+        assert len(q.rows_per_read) <= n // (window // 2) + 1
+    finally:
+        d.stop()
+        link.stop.set()
