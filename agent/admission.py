@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
+import json
 import logging
 import sqlite3
 import threading
@@ -146,19 +148,49 @@ class ResultStore:
         self._synchronous = synchronous
         self._clock = clock
         self._lock = threading.Lock()
+        # Why the store is off (None while it works): the daemon then remembers ids in memory
+        # only. Not being able to remember ids across a restart is never a reason to stop.
+        self.disabled_reason: str | None = None
+        self._db: sqlite3.Connection | None = None
+        self._count = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as exc:
-            # Losing remembered ids only means a retry may run again; never a reason to stop.
+            if not _is_corrupt(exc):
+                # Cannot be opened (read-only or foreign-owned file, a directory in its place):
+                # nothing says it is damaged, so it is left as it is for the operator.
+                self._disable(f"{path} cannot be opened ({exc})")
+                return
             aside = path.with_name(f"{path.name}.corrupt-{int(self._clock())}")
+            try:
+                path.rename(aside)
+            except OSError as move_exc:
+                self._disable(f"{path} is damaged ({exc}) and cannot be moved aside "
+                              f"({move_exc})")
+                return
             logger.error("idempotency store %s is unreadable (%s); moved to %s", path, exc, aside)
-            path.rename(aside)
             for suffix in ("-wal", "-shm"):
                 with contextlib.suppress(OSError):
                     path.with_name(path.name + suffix).unlink()
-            self._db = self._open()
-        self._count = int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+            try:
+                self._db = self._open()
+            except sqlite3.Error as again:
+                self._disable(f"{path} cannot be created ({again})")
+                return
+        try:
+            self._count = int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+        except sqlite3.Error as exc:  # damaged pages: lookups will miss, see get()
+            logger.error("idempotency store %s: cannot count results: %s", path, exc)
+
+    def _disable(self, reason: str) -> None:
+        self.disabled_reason = reason
+        logger.error("idempotency store %s; completed request ids are kept in memory only "
+                     "(a retry after a restart runs again)", reason)
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -170,6 +202,9 @@ class ResultStore:
                    "expires_unix_ms INTEGER NOT NULL)")
         db.execute("CREATE INDEX IF NOT EXISTS results_expires ON results(expires_unix_ms)")
         db.execute("CREATE INDEX IF NOT EXISTS results_created ON results(created_unix_ms)")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+        if "fingerprint" not in columns:  # files written before fingerprints were kept
+            db.execute("ALTER TABLE results ADD COLUMN fingerprint TEXT")
         return db
 
     def __len__(self) -> int:
@@ -184,27 +219,50 @@ class ResultStore:
 
     def get(self, request_id: str) -> bytes | None:
         """The stored final result of ``request_id``, or None (unknown or expired)."""
+        entry = self.get_entry(request_id)
+        return entry[0] if entry is not None else None
+
+    def get_entry(self, request_id: str) -> tuple[bytes, str | None] | None:
+        """``(result, request fingerprint)`` of ``request_id``, or None (unknown or expired).
+
+        A database error (damaged pages) is logged and counts as unknown: the caller runs the
+        request again (at least once), rather than raising into admission, which runs on the
+        MQTT network thread and would leave the request unanswered.
+        """
         now_ms = int(self._clock() * 1000)
         with self._lock:
-            row = self._db.execute(
-                "SELECT payload FROM results WHERE id = ? AND expires_unix_ms > ?",
-                (request_id, now_ms)).fetchone()
-        return bytes(row[0]) if row is not None else None
+            if self._db is None:
+                return None
+            try:
+                row = self._db.execute(
+                    "SELECT payload, fingerprint FROM results WHERE id = ? "
+                    "AND expires_unix_ms > ?", (request_id, now_ms)).fetchone()
+            except sqlite3.Error as exc:
+                logger.error("idempotency store %s: lookup failed: %s", self.path, exc)
+                return None
+        return (bytes(row[0]), row[1]) if row is not None else None
 
-    def put(self, request_id: str, payload: bytes) -> None:
-        """Remember ``payload`` as the final result of ``request_id`` (committed on return)."""
+    def put(self, request_id: str, payload: bytes, fingerprint: str | None = None) -> None:
+        """Remember ``payload`` as the final result of ``request_id`` (committed on return).
+
+        Raises:
+            sqlite3.Error: The write failed (a full disk, damaged pages); nothing changed.
+        """
         now_ms = int(self._clock() * 1000)
         with self._lock:
             db = self._db
+            if db is None:
+                return
             db.execute("BEGIN IMMEDIATE")
             try:
                 gone = db.execute("DELETE FROM results WHERE expires_unix_ms <= ?",
                                   (now_ms,)).rowcount
                 replaced = db.execute("DELETE FROM results WHERE id = ?",
                                       (request_id,)).rowcount
-                db.execute("INSERT INTO results (id, payload, created_unix_ms, expires_unix_ms) "
-                           "VALUES (?, ?, ?, ?)",
-                           (request_id, payload, now_ms, now_ms + int(self._ttl_s * 1000)))
+                db.execute("INSERT INTO results (id, payload, created_unix_ms, expires_unix_ms, "
+                           "fingerprint) VALUES (?, ?, ?, ?, ?)",
+                           (request_id, payload, now_ms, now_ms + int(self._ttl_s * 1000),
+                            fingerprint))
                 count = self._count - gone - replaced + 1
                 if count > self._max:
                     count -= db.execute(
@@ -213,14 +271,48 @@ class ResultStore:
                     ).rowcount
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
-            self._count = count
+            self._count = max(0, count)
 
     def close(self) -> None:
         """Close the database (further calls fail)."""
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Whether ``exc`` says the file's contents are damaged (not: it cannot be opened).
+
+    ``sqlite3.OperationalError`` ("unable to open database file", "attempt to write a
+    readonly database", a schema of another program) is not damage; the plain
+    ``DatabaseError`` ("file is not a database", "database disk image is malformed") is.
+    An ``OperationalError`` about our own schema (a table without our columns) counts as
+    foreign contents too, which are moved aside like damage.
+    """
+    if not isinstance(exc, sqlite3.OperationalError):
+        return True
+    return "no such column" in str(exc)
+
+
+def request_fingerprint(request: Any) -> str:
+    """What identifies a request behind its id (sha256 hex), to tell a retry from a reuse.
+
+    Covers everything that shapes the generated text (prompt or messages, sampling settings,
+    stop strings, token limit, model); leaves out what a retry may change without asking for
+    another answer (``stream``, ``deadline_ms``, ``client_id``).
+    """
+    key = {name: getattr(request, name, None) for name in (
+        "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+        "ignore_eos", "model")}
+    if key["messages"] is not None:
+        key["messages"] = [dict(m) for m in key["messages"]]
+    if key["stop"] is not None:
+        key["stop"] = list(key["stop"])
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -228,6 +320,7 @@ class _Entry:
     expires: float
     result: bytes | None = None
     waiters: list[Any] = field(default_factory=list)
+    fingerprint: str | None = None
 
 
 class IdempotencyCache:
@@ -244,6 +337,7 @@ class IdempotencyCache:
     NEW = "new"
     PENDING = "pending"
     DONE = "done"
+    CONFLICT = "conflict"
 
     def __init__(self, ttl_s: float = 600.0, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic,
@@ -267,17 +361,27 @@ class IdempotencyCache:
         if self._store is not None:
             self._store.reconfigure(ttl_s, max_entries)
 
-    def claim(self, request_id: str, target: Any) -> tuple[str, bytes | None]:
+    def claim(self, request_id: str, target: Any, fingerprint: str | None = None
+              ) -> tuple[str, bytes | None]:
         """Register ``request_id``; say whether it is new, pending (``target`` attached) or done.
+
+        Args:
+            request_id: The request's id.
+            target: Where a retry's result goes (attached while the first copy runs).
+            fingerprint: :func:`request_fingerprint` of the request; when both it and the one
+                remembered for the id are known and differ, the id was reused for another
+                request.
 
         Returns:
             ``(NEW, None)``: run it. ``(PENDING, None)``: a copy is queued or running;
             ``target`` will get its result. ``(DONE, payload)``: answer with ``payload``.
+            ``(CONFLICT, None)``: the id belongs to a different request; refuse it (nothing
+            is attached or remembered).
         """
         with self._lock:
             known = request_id in self._entries
         # Read the store outside the lock (executors must not wait on SQLite to complete).
-        stored = (self._store.get(request_id)
+        stored = (self._store.get_entry(request_id)
                   if self._store is not None and not known else None)
         now = self._clock()
         with self._lock:
@@ -292,8 +396,18 @@ class IdempotencyCache:
                 del self._entries[request_id]
                 entry = None
             if entry is None:
-                self._entries[request_id] = _Entry(expires=now + self._ttl_s, result=stored)
-                return (self.NEW, None) if stored is None else (self.DONE, stored)
+                if stored is None:
+                    self._entries[request_id] = _Entry(expires=now + self._ttl_s,
+                                                       fingerprint=fingerprint)
+                    return self.NEW, None
+                payload, stored_fp = stored
+                if _differs(stored_fp, fingerprint):
+                    return self.CONFLICT, None
+                self._entries[request_id] = _Entry(expires=now + self._ttl_s, result=payload,
+                                                   fingerprint=stored_fp or fingerprint)
+                return self.DONE, payload
+            if _differs(entry.fingerprint, fingerprint):
+                return self.CONFLICT, None
             if entry.result is not None:
                 return self.DONE, entry.result
             entry.waiters.append(target)
@@ -316,9 +430,10 @@ class IdempotencyCache:
                 return []
             entry.result = payload
             waiters, entry.waiters = entry.waiters, []
+            fingerprint = entry.fingerprint
         if self._store is not None:
             try:
-                self._store.put(request_id, payload)
+                self._store.put(request_id, payload, fingerprint)
             except sqlite3.Error as exc:  # a full disk must not lose the result itself
                 logger.error("request id %s not remembered on disk: %s", request_id, exc)
         return waiters
@@ -328,3 +443,7 @@ class IdempotencyCache:
         with self._lock:
             entry = self._entries.pop(request_id, None)
             return entry.waiters if entry is not None else []
+
+
+def _differs(known: str | None, given: str | None) -> bool:
+    return known is not None and given is not None and known != given

@@ -240,6 +240,7 @@ class _Bench:
         self.procs = ProcessProbe(root=config.probe_root)
         self.energy = EnergyIntegrator(self.sampler, lookback_s=2.0)
         self.notes: list[str] = []
+        self.should_stop: Callable[[], bool] = lambda: False
 
     def _snapshot(self) -> Snapshot:
         # The sampler thread owns the probes (rate probes keep state between samples and are
@@ -265,6 +266,11 @@ class _Bench:
                         "temp_c": temp, "reason": "cooldown timed out"}
             time.sleep(1.0)
 
+    def check_stop(self) -> None:
+        """Raise :class:`BenchCancelledError` if the caller wants the bench to end now."""
+        if self.should_stop():
+            raise BenchCancelledError("the bench was cancelled (the agent is shutting down)")
+
     def generate(self, request: GenerationRequest) -> dict[str, Any]:
         """One measured generation with energy, state and CPU figures."""
         cool = self.cooldown()
@@ -277,7 +283,8 @@ class _Bench:
             # demand, let the high-rate ticks start first instead.
             if self.sampler.sample_power_now() is None:
                 time.sleep(2 * self.c.sample_interval_s)
-            result = run_generation(self.worker, request)
+            self.check_stop()
+            result = run_generation(self.worker, request, on_event=lambda _: self.check_stop())
             self.sampler.sample_power_now()
             energy = self._energy(result)
         cpu_pct = self.procs.sample().processes["worker"].cpu_pct
@@ -440,9 +447,14 @@ def paper_metrics(record: dict[str, Any], config: BenchConfig) -> dict[str, Any]
     }
 
 
+class BenchCancelledError(Exception):
+    """``run_bench``'s ``should_stop`` said stop (the daemon is shutting down)."""
+
+
 def run_bench(config: BenchConfig, progress: ProgressFn | None = None, *,
               worker: InferenceWorker | None = None,
-              sampler: Sampler | None = None) -> dict[str, Any]:
+              sampler: Sampler | None = None,
+              should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run the benchmark and return an ``edgelm.bench/1`` record.
 
     Args:
@@ -452,9 +464,14 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None, *,
             a new one; it is left running. The caller keeps other work off it meanwhile.
         sampler: A running sampler to read power from (the daemon's), instead of a new one
             over freshly created probes; it is left running.
+        should_stop: Polled between runs, during the idle baseline and on every token: True
+            ends the bench with :class:`BenchCancelledError` (the generation in flight is
+            cancelled). The daemon passes its shutdown flag: a bench of up to 20 x 512
+            tokens must not hold SIGTERM past systemd's stop timeout.
 
     Raises:
         backends.base.BackendError: The model could not be loaded or a generation failed.
+        BenchCancelledError: ``should_stop`` returned True.
         ValueError: A configuration value is out of range.
     """
     if config.runs < 1:
@@ -462,6 +479,8 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None, *,
     if config.warmup < 0:
         raise ValueError("warmup must be zero or more")
     b = _Bench(config, progress, worker, sampler)
+    if should_stop is not None:
+        b.should_stop = should_stop
     prog = b.progress
     started_unix_ms = int(time.time() * 1000)
     prog("load", 0, 1)
@@ -474,7 +493,10 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None, *,
         if config.baseline_s > 0:
             t0 = time.monotonic()
             with b.sampler.fast(0.1):
-                time.sleep(config.baseline_s)
+                while time.monotonic() - t0 < config.baseline_s:
+                    b.check_stop()
+                    time.sleep(min(0.05, max(0.0, config.baseline_s
+                                             - (time.monotonic() - t0))))
             baseline = b.energy.measure_baseline(t0, time.monotonic(), settle_timeout_s=0.3)
             if baseline is None:
                 b.notes.append("no idle baseline: no power source (net energy not available)")

@@ -258,6 +258,15 @@ def run(config_path: str | None, **flags: Any) -> None:
     (systemctl reload) or cmd/reload reads them again the same way and applies what can
     change while running.
     """
+    import signal
+
+    # SIGHUP's default action ends the process, and systemd counts a death by SIGHUP as a
+    # clean exit (Restart=on-failure does not restart it). Reading the configuration,
+    # hashing the model and building the daemon take seconds: a reload asked for meanwhile
+    # is remembered and done once the daemon runs (run_forever installs its own handler).
+    early_reload: list[bool] = []
+    signal.signal(signal.SIGHUP, lambda *_: early_reload.append(True))
+
     from agent.cli_ops import daemon_config_from, daemon_config_loader
     from agent.daemon import AgentDaemon
     from probes.base import ProbeError
@@ -270,7 +279,7 @@ def run(config_path: str | None, **flags: Any) -> None:
         daemon = AgentDaemon(config, reload_config=daemon_config_loader(config_path, flags))
     except (OSError, ProbeError, ValueError, ConfigError) as exc:
         _fail(f"cannot start: {exc}", EXIT_CONFIG)
-    sys.exit(daemon.run_forever())
+    sys.exit(daemon.run_forever(reload_pending=lambda: bool(early_reload)))
 
 
 from agent.cli_bench import bench as _bench_group  # noqa: E402  (registers after main exists)

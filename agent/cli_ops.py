@@ -58,6 +58,29 @@ def load_from(explicit: str | None, flags: Mapping[str, Any], env: Mapping[str, 
     return load_config(path, env, overrides, required=required)
 
 
+def check_backend(cfg: AgentConfig) -> None:
+    """``model.backend`` must name a registered backend plugin that imports.
+
+    Checked with the rest of the file, so that ``config check`` and a reload refuse a typo
+    instead of starting (or reloading) a worker that cannot load anything.
+
+    Raises:
+        ConfigError: Naming the file and key, and the backends there are.
+    """
+    from backends.registry import backend_classes
+
+    known, broken = backend_classes()
+    name = cfg.model.backend
+    if name in known:
+        return
+    where = cfg.source or "config"
+    if name in broken:
+        raise ConfigError(f"{where}: model.backend: backend {name!r} cannot be loaded: "
+                          f"{broken[name]}")
+    raise ConfigError(f"{where}: model.backend: unknown backend {name!r} (registered: "
+                      f"{', '.join(sorted(known)) or 'none'})")
+
+
 def broker_config_of(cfg: AgentConfig) -> Any:
     """The :class:`agent.mqtt.BrokerConfig` for ``cfg`` (reads ``mqtt.password_file``).
 
@@ -114,6 +137,7 @@ def daemon_config_from(explicit: str | None, flags: Mapping[str, Any],
         n_threads, how = resolve_threads(cfg.model.threads)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    check_backend(cfg)
     try:
         resolved = resolve_model(cfg.model.name)
     except ModelError as exc:
@@ -173,6 +197,7 @@ def config_check(config_path: str | None, as_json: bool) -> None:
     env = dict(os.environ)
     try:
         cfg = load_from(config_path, {}, env)
+        check_backend(cfg)
         if cfg.mqtt.ca_file or cfg.mqtt.cert_file or cfg.mqtt.key_file:
             from agent.mqtt import parse_broker_url
 

@@ -63,7 +63,7 @@ def report(inputs: tuple[str, ...], out_dir: str, formats: str, db: str | None,
         from agent.report_fleet import fleet_report_section, render_fleet_report
 
         try:
-            store = FleetStore(db)
+            store = FleetStore(db, create=False)
         except (ConfigError, OSError) as exc:
             _fail(str(exc), EXIT_CONFIG)
         try:

@@ -66,6 +66,7 @@ from agent.admission import (
     IdempotencyCache,
     ResultStore,
     SlidingWindowRateLimiter,
+    request_fingerprint,
 )
 from agent.energy import EnergyIntegrator, EnergyResult
 from agent.errors import PublishError, RequestError
@@ -164,6 +165,12 @@ _FIELD_KEYS = {
     "prometheus_listen": "prometheus.listen", "shutdown_grace_s": "shutdown_grace_s",
 }
 _BROKER_URL_FIELDS = ("host", "port", "tls")
+
+# error.code values of edgelm.infer.result/1 (agent/schemas/infer_result.json).
+RESULT_ERROR_CODES = frozenset({
+    "bad_request", "too_large", "context_overflow", "unknown_model", "overloaded",
+    "deadline_exceeded", "backend_failed",
+})
 
 # The power sample before a generation delays its first token: only sources whose last read
 # took at most this long are read then (sysfs counters and rails: well under 1 ms, see
@@ -290,7 +297,7 @@ class AgentDaemon:
         self._reload_config = reload_config
         self.topics = Topics(config.fleet, config.device)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self._seq = SequenceCounter(config.state_dir / "seq")
+        self._seq = open_sequence(config.state_dir / "seq")
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._reload_requested = threading.Event()
@@ -480,7 +487,15 @@ class AgentDaemon:
         if self.config.log_content:
             logger.info("request %s: %s", request.id,
                         request.prompt if request.prompt is not None else request.messages)
-        state, done = self._idem.claim(request.id, reply)
+        state, done = self._idem.claim(request.id, reply, request_fingerprint(request))
+        if state == IdempotencyCache.CONFLICT:
+            # Not _refuse: the id stays with the request it was first used for.
+            self.counters.errors["bad_request"] += 1
+            self._send_error(reply, request.id, "bad_request",
+                             f"request id {request.id!r} was already used for a different "
+                             "request; send a new id (a retry must repeat the request)",
+                             {"reason": "id_reused"})
+            return
         if state != IdempotencyCache.NEW:
             self.counters.duplicates += 1
             if done is not None:  # already answered: answer again (same seq), do not run again
@@ -592,18 +607,30 @@ class AgentDaemon:
                                     f"serving on the previous one: {exc}") from exc
         changed, restart_required = config_changes(old, new)
         applied = applicable(old, new)
+        failure: str | None = None
+        was_loaded = False
         with self._exclusive():
             # No request runs meanwhile: every setting and the worker restart apply between
             # two requests, never in the middle of one.
+            was_loaded = all(w.alive() for w in self._workers)
             self._apply_live(old, applied)
             self.config = applied
-            for w in self._workers:
-                w.stop(timeout_s=5.0)
-                w.config = _worker_config(applied, w.config)
-                try:
-                    w.start()
-                except BackendError as exc:
-                    logger.error("reload: model failed to load: %s", exc.message)
+            failure = self._restart_workers(applied)
+            if failure is not None and was_loaded:
+                # The new model settings do not load (a backend that is not installed, a
+                # model it cannot read): a reload that leaves the device serving nothing is
+                # worse than no reload, so everything goes back as it was.
+                self._apply_live(applied, old)
+                self.config = old
+                back = self._restart_workers(old)
+                if back is not None:
+                    logger.error("reload: the previous model does not load again either: %s",
+                                 back)
+        if failure is not None and was_loaded:
+            self._set_worker_pids()
+            self.publish_status(reason="reloaded")
+            raise CommandError("load_failed", f"configuration not reloaded, still serving on "
+                               f"the previous one: the model does not load with it: {failure}")
         self._set_worker_pids()
         self.publish_status(reason="reloaded")
         if restart_required:
@@ -615,6 +642,19 @@ class AgentDaemon:
                 "loaded": all(w.alive() for w in self._workers),
                 "changed": changed, "restart_required": restart_required,
                 "workers_restarted": len(self._workers)}
+
+    def _restart_workers(self, cfg: DaemonConfig) -> str | None:
+        """Restart every worker on ``cfg``'s model; the first load failure, or None."""
+        failure = None
+        for w in self._workers:
+            w.stop(timeout_s=5.0)
+            w.config = _worker_config(cfg, w.config)
+            try:
+                w.start()
+            except BackendError as exc:
+                logger.error("reload: model failed to load: %s", exc.message)
+                failure = failure or f"{exc.code}: {exc.message}"
+        return failure
 
     def _apply_live(self, old: DaemonConfig, new: DaemonConfig) -> None:
         """Hand the settings that can change while running to the parts that hold them."""
@@ -736,7 +776,7 @@ class AgentDaemon:
 
     def _run_bench_job(self, job: _BenchJob, worker: InferenceWorker) -> None:
         """Executor side of ``cmd/bench``: the bench engine on this executor's worker."""
-        from agent.bench import BenchConfig, run_bench
+        from agent.bench import BenchCancelledError, BenchConfig, run_bench
 
         cmd, cfg = job.cmd, self.config
         try:
@@ -747,8 +787,11 @@ class AgentDaemon:
                     ignore_eos=bool(cmd.get("ignore_eos", True)), runs=int(cmd.get("runs", 3)),
                     warmup=int(cmd.get("warmup", 1)), context_tokens=cfg.context_tokens,
                     probe_root=cfg.probe_root,
-                ), worker=worker, sampler=self._sampler)
+                ), worker=worker, sampler=self._sampler, should_stop=self._stop.is_set)
             job.record, job.worker_pid = record, worker.pid
+        except BenchCancelledError as exc:  # SIGTERM: stop within the shutdown budget
+            logger.info("bench cancelled: the agent is shutting down")
+            job.error = exc
         except Exception as exc:  # reported to the operator; the executor goes on
             logger.exception("bench failed")
             job.error = exc
@@ -832,6 +875,12 @@ class AgentDaemon:
 
     def _fail(self, job: _Job, code: str, message: str,
               details: dict[str, Any] | None = None) -> bytes:
+        if code not in RESULT_ERROR_CODES:
+            # A backend's own code (``unknown_backend`` from the registry after a bad model
+            # setting, a plugin's invention) is outside the result schema clients validate
+            # against: send the contract's code, keep the backend's in the details.
+            details = {**(details or {}), "backend_code": code}
+            code = "backend_failed"
         self.counters.errors[code] += 1
         if details and details.get("retryable"):
             job.remember = False
@@ -1048,15 +1097,23 @@ class AgentDaemon:
             self._last_baseline_mono = now
             self._energy.measure_baseline(now - self.config.baseline_window_s, now)
 
-    def run_forever(self) -> int:
+    def run_forever(self, reload_pending: Callable[[], bool] | None = None) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code (0 on a clean stop).
 
         SIGHUP reloads the configuration (see :meth:`_do_reload`), on a command thread started
         from this loop: the handler itself only sets an event.
+
+        Args:
+            reload_pending: Whether a SIGHUP came before this method took the signal over
+                (the CLI catches it from its start); read once the handler is installed, so
+                none is lost in between.
         """
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
+        if reload_pending is not None and reload_pending():
+            logger.info("SIGHUP during start-up: reloading once started")
+            self._request_reload()
         self.start()
         notify("READY=1\nSTATUS=serving " + self.config.model.name)
         tick_s = min(0.5, watchdog_interval_s() or 0.5)
@@ -1166,6 +1223,35 @@ def _avail_dict(avail: Any) -> dict[str, Any]:
     if hasattr(avail, "degraded"):
         out["degraded"] = bool(avail.degraded)
     return out
+
+
+def open_sequence(path: Path) -> SequenceCounter:
+    """The device's message counter, seeded from the clock when it has no usable file.
+
+    Receivers deduplicate by ``(device, seq)`` (DESIGN.md §4), so a counter that starts over
+    at 1 (a new or wiped state directory, a file that no longer parses) would have its
+    messages dropped by the collector as duplicates of older ones. A counter without a file
+    starts at the clock in µs since the epoch instead: above anything an earlier life of the
+    device could have reached at one message per µs. An existing file continues as before.
+    """
+    try:
+        text = path.read_text().strip()
+        usable = text.isdigit()
+    except FileNotFoundError:
+        text, usable = "", False
+    except OSError as exc:  # unreadable: SequenceCounter's own write reports what is wrong
+        text, usable = f"<{exc}>", False
+    if not usable:
+        if text:
+            logger.error("sequence file %s holds %r, not a number; starting from the clock",
+                         path, text[:40])
+        tmp = path.with_suffix(".seed")
+        with tmp.open("w") as fh:
+            fh.write(str(time.time_ns() // 1000))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return SequenceCounter(path)
 
 
 def default_state_dir() -> Path:

@@ -328,7 +328,7 @@ class EdgeRouter:
         """
         from agent.fleet.store import FleetStore
 
-        store = FleetStore(url)
+        store = FleetStore(url, create=False)
         try:
             speeds = measured_speeds(store, self.config.fleet)
         finally:
@@ -870,9 +870,17 @@ def _seeded_counter(path: Path) -> SequenceCounter:
     Seeding from the clock keeps ``(router, seq)`` unique even when a state directory is lost
     or replaced: a fresh counter starts above every number an earlier life could have used
     (it would have had to publish more than one record per microsecond to catch up), while
-    an existing one continues from its file whatever the clock does.
+    an existing one continues from its file whatever the clock does. A file that does not
+    hold a number is treated as missing (it would otherwise start over at 1).
     """
-    if not path.exists():
+    try:
+        usable = path.read_text().strip().isdigit()
+    except OSError:
+        usable = False
+    if not usable:
+        if path.exists():
+            logger.error("router sequence file %s holds not a number; starting from "
+                         "the clock", path)
         tmp = path.with_suffix(".seed")
         with tmp.open("w") as fh:
             fh.write(str(time.time_ns() // 1000))

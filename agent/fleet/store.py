@@ -79,11 +79,17 @@ class FleetStore:
         url: ``sqlite:///path``, a plain path, or ``postgresql://…``.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         self._lock = threading.Lock()
         self.kind: str
         self._conn: Any
+        scheme = url.split("://", 1)[0].lower() if "://" in url else None
+        if scheme is not None and scheme not in ("sqlite", "postgresql", "postgres"):
+            # Before, "mysql://host/db" was taken for a relative SQLite path: a directory
+            # "mysql:" appeared and the command reported an empty fleet.
+            raise ConfigError(f"--db {_redact(url)}: unsupported database URL; use "
+                              "sqlite:///path or postgresql://…")
         if url.startswith(("postgresql://", "postgres://")):
             try:
                 import psycopg
@@ -100,12 +106,26 @@ class FleetStore:
             path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
             if url.startswith("sqlite://") and not url.startswith("sqlite:///"):
                 raise ConfigError(f"--db {url!r}: use sqlite:///relative or sqlite:////abs")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+            if not create and not Path(path).exists():
+                # Readers (report, fleet, route --db) must not create an empty database
+                # where a path has a typo, then report "no devices".
+                raise ConfigError(f"--db {url}: no database at {Path(path).resolve()} "
+                                  "(agentctl collect --db creates it)")
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            except (sqlite3.Error, OSError) as exc:
+                raise ConfigError(f"--db {url}: {path} is not a usable SQLite database: "
+                                  f"{exc}") from exc
             self.kind = "sqlite"
-        self.migrate()
+        try:
+            self.migrate()
+        except (sqlite3.Error, OSError) as exc:
+            self._conn.close()
+            raise ConfigError(f"--db {_redact(url)}: cannot prepare the database: {exc}"
+                              ) from exc
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.kind == "postgresql" else sql
