@@ -27,11 +27,11 @@ def _broker(url: str, mqtt_version: str = "5") -> Any:
         _fail(str(exc), EXIT_CONFIG)
 
 
-def _store(db: str) -> Any:
+def _store(db: str, create: bool = True) -> Any:
     from agent.fleet.store import FleetStore
 
     try:
-        return FleetStore(db)
+        return FleetStore(db, create=create)
     except (ConfigError, OSError) as exc:
         _fail(str(exc), EXIT_CONFIG)
 
@@ -64,16 +64,34 @@ def _stop_on_signals() -> threading.Event:
               show_default=True, help="Store at most one telemetry row per device per N s.")
 @click.option("--retention-days", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Delete telemetry, results and request records older than this (0: keep).")
+@click.option("--client-id", default=None,
+              help="MQTT client id, the key of the broker-side session (default "
+                   "edgelm-collect-FLEET-GROUP-HOSTNAME; give each collector on one host its "
+                   "own).")
+@click.option("--session-expiry", "session_expiry_s", type=click.IntRange(min=0),
+              default=86400, show_default=True,
+              help="Seconds the broker keeps queueing results and records for this collector "
+                   "while it is down or restarting (0: a clean session, nothing is kept).")
 def collect(broker: str, fleet: str, db: str, group: str | None, telemetry_every: float,
-            retention_days: float) -> None:
+            retention_days: float, client_id: str | None, session_expiry_s: int) -> None:
     """Store a fleet's status, telemetry, results, bench and routing records."""
+    import socket
+
     from agent.fleet.collector import FleetCollector
 
     _segment("--fleet", fleet)
+    if client_id is None and session_expiry_s > 0:
+        client_id = (f"edgelm-collect-{fleet}-{group or 'default'}-"
+                     f"{socket.gethostname().split('.')[0]}")
+    if client_id is not None and (not client_id or len(client_id.encode()) > 65535
+                                  or any(c in client_id for c in "/+#\0")):
+        _fail(f"--client-id {client_id!r}: must be 1-65535 bytes without / + # or NUL",
+              EXIT_CONFIG)
     store = _store(db)
     collector = FleetCollector(store, _broker(broker), fleet, group=group,
                                telemetry_every_s=telemetry_every,
-                               retention_s=retention_days * 86400 if retention_days else None)
+                               retention_s=retention_days * 86400 if retention_days else None,
+                               client_id=client_id, session_expiry_s=session_expiry_s)
     stop = _stop_on_signals()
     click.echo(f"collecting fleet {fleet} into {store.kind} (schema v{store.version()})",
                err=True)
@@ -93,7 +111,7 @@ def fleet_cmd(db: str, fleet: str | None, as_json: bool) -> None:
     """Devices, online/offline, power, temperature, load, queue depth, recent TTFT and TGS."""
     from agent.fleet.collector import fleet_view
 
-    store = _store(db)
+    store = _store(db, create=False)
     rows = fleet_view(store, fleet)
     store.close()
     if as_json:

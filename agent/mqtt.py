@@ -156,6 +156,13 @@ class MqttLink:
         on_connect: Called on the network thread after each successful (re)connect and
             subscribe; must not block.
         on_publish: Called on the network thread when a QoS 1 publish is acknowledged.
+        session_expiry_s: 0 (default): a clean session each connect, which is right for a
+            device (it re-subscribes and its own outbox holds what it sends). Above 0: a
+            persistent session (MQTT v5 ``Clean Start = 0`` with ``Session Expiry Interval``,
+            3.1.1 ``Clean Session = 0``; the broker then keeps the subscriptions and queues
+            QoS 1 messages for this client id while it is away, for that many seconds — 3.1.1
+            has no expiry, the broker keeps it until ``persistent_client_expiration``). Needs
+            a client id that stays the same across restarts.
     """
 
     def __init__(
@@ -167,13 +174,18 @@ class MqttLink:
         on_message: MessageHandler,
         on_connect: Callable[[], None] | None = None,
         on_publish: Callable[[], None] | None = None,
+        session_expiry_s: int = 0,
     ) -> None:
         self.config = config
+        self.session_expiry_s = session_expiry_s
+        self.session_present: bool | None = None
         self._subs = list(subscriptions)
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
         self._on_publish_cb = on_publish
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # every SUBACK of the current connection is in
+        self._pending_subs: set[int] = set()
         self._stop = threading.Event()
         self._closing = threading.Event()
         # Held around every paho call that touches the socket (read, write, misc, connect).
@@ -197,6 +209,8 @@ class MqttLink:
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
             reconnect_on_failure=False,
+            # 3.1.1 only: paho refuses it for v5, where connect's clean_start says it
+            clean_session=None if config.protocol == 5 else session_expiry_s <= 0,
         )
         client.enable_logger(logging.getLogger("paho"))
         if config.username is not None:
@@ -240,18 +254,26 @@ class MqttLink:
         """Block until connected or the timeout passes."""
         return self._connected.wait(timeout_s)
 
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Block until the broker has acknowledged every subscription of this connection.
+
+        Until then a message published by someone else may not reach this client.
+        """
+        return self._subscribed.wait(timeout_s)
+
     def start(self) -> None:
         """Begin connecting in the background; never raises for an unreachable broker."""
         props = None
         if self.config.protocol == 5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0
+            props.SessionExpiryInterval = max(0, self.session_expiry_s)
             if self.config.max_packet_bytes > 0:
                 props.MaximumPacketSize = self.config.max_packet_bytes
         try:
             self._client.connect_async(
                 self.config.host, self.config.port, keepalive=self.config.keepalive_s,
-                clean_start=True, properties=props,
+                # v5 only (3.1.1 takes clean_session in the constructor)
+                clean_start=self.session_expiry_s <= 0, properties=props,
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"broker {self.config.host}:{self.config.port}: {exc}") from exc
@@ -362,8 +384,15 @@ class MqttLink:
             return
         self.connects += 1
         self._backoff.reset()
+        self.session_present = bool(getattr(flags, "session_present", False))
+        self._subscribed.clear()
+        self._pending_subs.clear()
         for topic, qos in self._subs:
-            client.subscribe(topic, qos=qos)
+            _rc, mid = client.subscribe(topic, qos=qos)
+            if mid is not None:
+                self._pending_subs.add(mid)
+        if not self._pending_subs:
+            self._subscribed.set()
         self._connected.set()
         logger.info("connected to %s:%d (connect #%d)", self.config.host, self.config.port,
                     self.connects)
@@ -378,6 +407,7 @@ class MqttLink:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self._subscribed.clear()
         if was and not self._closing.is_set():
             logger.warning("disconnected from broker: %s; reconnecting", reason_code)
 
@@ -402,6 +432,9 @@ class MqttLink:
             if getattr(rc, "is_failure", False):
                 self.subscribe_denied += 1
                 logger.error("broker refused a subscription: %s", rc)
+        self._pending_subs.discard(mid)
+        if not self._pending_subs:
+            self._subscribed.set()  # answered, granted or refused (counted above)
 
     # -- publishing (any thread) ---------------------------------------------------------------
 

@@ -91,11 +91,18 @@ class FleetCollector:
         group: Shared-subscription group; collectors in one group split the load.
         telemetry_every_s: Keep at most one telemetry row per device per this many seconds.
         retention_s: Delete telemetry, results and records older than this (None: keep all).
+        client_id: MQTT client id (default: a random one, which a persistent session cannot
+            use: give a stable id with ``session_expiry_s``).
+        session_expiry_s: Above 0, the broker keeps this collector's session (subscriptions
+            and the QoS 1 results, bench and router records sent meanwhile) for this long
+            while it is disconnected or restarting; see :class:`MqttLink`. QoS 0 telemetry is
+            not queued (mosquitto's ``queue_qos0_messages`` is off by default).
     """
 
     def __init__(self, store: FleetStore, broker: BrokerConfig, fleet: str,
                  group: str | None = None, telemetry_every_s: float = 10.0,
-                 retention_s: float | None = 30 * 86400.0) -> None:
+                 retention_s: float | None = 30 * 86400.0, client_id: str | None = None,
+                 session_expiry_s: int = 0) -> None:
         self.store = store
         self.fleet = fleet
         self.group = group or f"edgelm-collect-{fleet}"
@@ -107,7 +114,7 @@ class FleetCollector:
         self._stop = threading.Event()
         base = f"{TOPIC_ROOT}/{fleet}"
         share = f"$share/{self.group}/" if broker.protocol == 5 else ""
-        self.client_id = f"edgelm-collect-{fleet}-{uuid.uuid4().hex[:8]}"
+        self.client_id = client_id or f"edgelm-collect-{fleet}-{uuid.uuid4().hex[:8]}"
         self._link = MqttLink(
             broker, client_id=self.client_id,
             will=(f"{base}/collector/{self.client_id}/status", b'{"state":"offline"}'),
@@ -120,6 +127,7 @@ class FleetCollector:
                 (f"{share}{base}/router/+/record", 1),
             ],
             on_message=self._on_message,
+            session_expiry_s=session_expiry_s,
         )
 
     # ------------------------------------------------------------------ handling
@@ -227,8 +235,8 @@ class FleetCollector:
         self._link.start()
 
     def wait_connected(self, timeout_s: float) -> bool:
-        """Block until subscribed (or the timeout passes)."""
-        return self._link.wait_connected(timeout_s)
+        """Block until subscribed: every SUBACK received (or the timeout passes)."""
+        return self._link.wait_subscribed(timeout_s)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Collect until ``stop`` is set; apply retention hourly."""
