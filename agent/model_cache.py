@@ -6,17 +6,27 @@ when that is not writable)::
     <home>/<model>/hf-<key>/                  dequantised fp32 HF folder (intermediate)
     <home>/<model>/gguf-<key>/model.gguf      the bundled GGUF, copied (hard-linked if possible)
     <home>/<model>/onnx-<key>/                onnxruntime-genai int4 folder + tokenizer.json
+    <home>/<model>/onnx-optimum-<key>/model.onnx  optimum fp32 export with past-KV (weights in
+                                              model.onnx.data) + tokenizer.json
     <home>/<model>/tflite-<key>/model.tflite  LiteRT prefill/decode model + tokenizer.json
     <home>/<model>/<format>-<key>/manifest.json
 
 ``key`` hashes the source GGUF's sha256, the format's conversion parameters, the pinned
-tool requirements (``agent/data/tools-requirements.txt``) and the converter script, so a new
+tool requirements (``agent/data/tools-requirements*.txt``) and the converter scripts, so a new
 source, new tool pins or a changed converter produce a new folder and old ones are never
 trusted by mistake. The manifest records the tool versions actually used.
 
-Conversion runs in the tooling interpreter (``./install.sh --tools`` → ``.venv-tools``, or
-``$EDGELM_TOOLS_PYTHON``) as a subprocess: torch, transformers, onnxruntime-genai's builder
-and litert-torch never enter the agent's environment.
+Conversion runs in a tooling interpreter as a subprocess, so torch, transformers,
+onnxruntime-genai's builder, optimum and litert-torch never enter the agent's environment:
+
+- ``.venv-tools`` (or ``$EDGELM_TOOLS_PYTHON``): transformers 5, for the GGUF → HF step and
+  the ``onnx`` / ``tflite`` formats (``model_convert.py``);
+- ``.venv-tools-optimum`` (or ``$EDGELM_TOOLS_OPTIMUM_PYTHON``): optimum-onnx 0.1, which pins
+  transformers < 4.58, for ``onnx-optimum`` (``model_convert_optimum.py``), exported from the
+  same HF folder. Both are made by ``./install.sh --tools``.
+
+A backend loads its default format (``BACKEND_FORMAT``); ``onnxruntime`` also loads
+``onnx-optimum`` when asked (``bench --backend-opt model_format=onnx-optimum``).
 """
 
 from __future__ import annotations
@@ -49,8 +59,12 @@ FALLBACK_HOME = Path("~/.cache/edgelm/models")
 _HERE = Path(__file__).resolve().parent
 CONVERTER = _HERE / "model_convert.py"
 TOOLS_REQUIREMENTS = _HERE / "data" / "tools-requirements.txt"
+CONVERTER_OPTIMUM = _HERE / "model_convert_optimum.py"
+TOOLS_REQUIREMENTS_OPTIMUM = _HERE / "data" / "tools-requirements-optimum.txt"
 
-# What each prepared format is, how it is made, and which backends load it.
+# What each prepared format is, how it is made, and which backends load it. ``tools`` names the
+# tooling environment that makes it (``tools_python``); every non-GGUF format starts from the
+# HF folder that ``.venv-tools`` dequantises from the GGUF.
 PREPARED_FORMATS: dict[str, dict[str, Any]] = {
     "gguf": {"model_format": "gguf", "entry": "model.gguf", "params": {}},
     "onnx": {"model_format": "onnx-genai", "entry": ".", "params": {"precision": "int4"},
@@ -58,8 +72,15 @@ PREPARED_FORMATS: dict[str, dict[str, Any]] = {
     "tflite": {"model_format": "tflite", "entry": "model.tflite",
                "params": {"kv": 1024, "prefill": "64,256", "quantize": "dynamic_int8"},
                "quantization": "dynamic_int8 (litert-torch)"},
+    "onnx-optimum": {"model_format": "onnx", "entry": "model.onnx", "tools": "optimum",
+                     "params": {"task": "text-generation-with-past", "opset": 18},
+                     "quantization": "none (fp32, optimum export with past-KV)"},
 }
+# The format each backend loads by default, and every format it can load when asked.
 BACKEND_FORMAT = {"llamacpp": "gguf", "onnxruntime": "onnx", "tflite": "tflite"}
+BACKEND_FORMATS: dict[str, tuple[str, ...]] = {
+    "llamacpp": ("gguf",), "onnxruntime": ("onnx", "onnx-optimum"), "tflite": ("tflite",),
+}
 
 
 def models_home() -> Path:
@@ -92,35 +113,56 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
+def _key_inputs(fmt: str) -> tuple[list[Path], list[Path]]:
+    """The (requirements files, converter scripts) a format's build depends on."""
+    if fmt == "gguf":
+        return [], []
+    if PREPARED_FORMATS[fmt].get("tools") == "optimum":
+        # exported from the HF folder made in .venv-tools, so both environments count
+        return [TOOLS_REQUIREMENTS, TOOLS_REQUIREMENTS_OPTIMUM], [CONVERTER, CONVERTER_OPTIMUM]
+    return [TOOLS_REQUIREMENTS], [CONVERTER]
+
+
 def conversion_key(source_sha256: str, fmt: str) -> str:
     """16 hex digits naming one (source, format parameters, tool pins, converter) build."""
     spec = PREPARED_FORMATS[fmt]
+    requirements, converters = _key_inputs(fmt)
     material = json.dumps({
         "source": source_sha256,
         "format": fmt,
         "params": spec["params"],
-        "tools": _file_sha(TOOLS_REQUIREMENTS) if fmt != "gguf" else "",
-        "converter": _file_sha(CONVERTER) if fmt != "gguf" else "",
+        "tools": "+".join(_file_sha(p) for p in requirements),
+        "converter": "+".join(_file_sha(p) for p in converters),
     }, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def tools_python() -> Path:
-    """The tooling interpreter.
+_TOOL_ENVS = {
+    # which: (environment variable, venv folder, what it holds)
+    "main": ("EDGELM_TOOLS_PYTHON", ".venv-tools",
+             "torch, transformers 5, onnxruntime-genai, litert-torch"),
+    "optimum": ("EDGELM_TOOLS_OPTIMUM_PYTHON", ".venv-tools-optimum",
+                "torch, optimum-onnx, transformers 4.57"),
+}
+
+
+def tools_python(which: str = "main") -> Path:
+    """The tooling interpreter: ``main`` (.venv-tools) or ``optimum`` (.venv-tools-optimum).
 
     Raises:
-        ModelError: Neither ``$EDGELM_TOOLS_PYTHON`` nor ``.venv-tools`` exists.
+        ModelError: Neither the environment variable's interpreter nor the venv exists.
     """
-    env = os.environ.get("EDGELM_TOOLS_PYTHON")
+    var, venv, holds = _TOOL_ENVS[which]
+    env = os.environ.get(var)
     candidates = [Path(env)] if env else []
-    candidates.append(_HERE.parent / ".venv-tools" / "bin" / "python")
+    candidates.append(_HERE.parent / venv / "bin" / "python")
     for cand in candidates:
         if cand.is_file() and os.access(cand, os.X_OK):
             return cand
     raise ModelError(
-        "model conversion needs the tooling environment (torch, transformers, "
-        "onnxruntime-genai, litert-torch), which is not installed: run `./install.sh --tools` "
-        "(creates .venv-tools) or point EDGELM_TOOLS_PYTHON at an interpreter that has them"
+        f"model conversion needs the tooling environment ({holds}), which is not installed: "
+        f"run `./install.sh --tools` (creates {venv}) or point {var} at an interpreter that "
+        "has them"
     )
 
 
@@ -175,14 +217,23 @@ def prepare_hint(name: str, fmt: str) -> str:
     return f"agentctl models prepare {name} --format {fmt}{tools}"
 
 
-def resolve_for_backend(name: str, backend: str, verify: bool = True) -> ResolvedModel:
+def resolve_for_backend(
+    name: str, backend: str, verify: bool = True, fmt: str | None = None
+) -> ResolvedModel:
     """Resolve a known model name to the prepared format ``backend`` loads.
 
     ``llamacpp`` gets the bundled GGUF itself; ``onnxruntime`` and ``tflite`` get the build in
     the cache, or a :class:`ModelError` saying exactly how to prepare it. Other backends (and
-    paths) resolve as :func:`agent.models.resolve_model` does.
+    paths) resolve as :func:`agent.models.resolve_model` does. ``fmt`` picks a prepared
+    format other than the backend's default (``onnx-optimum`` for ``onnxruntime``); one the
+    backend cannot load is a :class:`ModelError`.
     """
-    fmt = BACKEND_FORMAT.get(backend)
+    if fmt is not None and fmt not in BACKEND_FORMATS.get(backend, ()):
+        raise ModelError(
+            f"backend {backend!r} cannot load prepared format {fmt!r} "
+            f"(it loads: {', '.join(BACKEND_FORMATS.get(backend, ())) or 'none'})"
+        )
+    fmt = fmt or BACKEND_FORMAT.get(backend)
     if name not in KNOWN_MODELS or fmt is None or fmt == "gguf":
         return resolve_model(name, verify=verify)
     prepared = find_prepared(name, fmt)
@@ -213,11 +264,13 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _run_tool(python: Path, args: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+def _run_tool(
+    python: Path, args: list[str], log: Callable[[str], None], script: Path = CONVERTER
+) -> dict[str, Any]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)
-    cmd = [str(python), str(CONVERTER), *args]
+    cmd = [str(python), str(script), *args]
     log("running: " + " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -230,8 +283,10 @@ def _run_tool(python: Path, args: list[str], log: Callable[[str], None]) -> dict
     return {}
 
 
-def _tool_versions(python: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    return _run_tool(python, ["versions"], log)
+def _tool_versions(
+    python: Path, log: Callable[[str], None], script: Path = CONVERTER
+) -> dict[str, Any]:
+    return _run_tool(python, ["versions"], log, script)
 
 
 def _dir_files(folder: Path) -> dict[str, int]:
@@ -242,15 +297,17 @@ def _dir_files(folder: Path) -> dict[str, int]:
 
 
 def _weights_file(folder: Path, fmt: str) -> Path:
-    if fmt == "onnx":
+    if fmt in ("onnx", "onnx-optimum"):  # the weights, not the graph, identify the model
         data = folder / "model.onnx.data"
         return data if data.is_file() else folder / "model.onnx"
     return folder / str(PREPARED_FORMATS[fmt]["entry"])
 
 
 def _hf_folder(
-    name: str, gguf: ResolvedModel, python: Path, home: Path, log: Callable[[str], None]
+    name: str, gguf: ResolvedModel, python: Callable[[], Path], home: Path,
+    log: Callable[[str], None],
 ) -> Path:
+    """The dequantised HF folder, made (in .venv-tools, via ``python()``) only when missing."""
     key = hashlib.sha256(
         (gguf.sha256 + _file_sha(TOOLS_REQUIREMENTS) + _file_sha(CONVERTER)).encode()
     ).hexdigest()[:16]
@@ -259,7 +316,7 @@ def _hf_folder(
         return folder
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=home / name))
     try:
-        _run_tool(python, ["hf", "--gguf", str(gguf.path), "--out", str(tmp)], log)
+        _run_tool(python(), ["hf", "--gguf", str(gguf.path), "--out", str(tmp)], log)
         (tmp / ".complete").write_text("")
         if folder.exists():
             shutil.rmtree(folder)
@@ -296,6 +353,8 @@ def prepare(
         t0 = time.monotonic()
         tools: dict[str, Any] = {}
         steps: list[dict[str, Any]] = []
+        hf: Path | None = None
+        hf_tools: dict[str, Any] | None = None
         tmp = Path(tempfile.mkdtemp(prefix=f".{fmt}-", dir=home / name))
         try:
             if fmt == "gguf":
@@ -304,10 +363,21 @@ def prepare(
                     os.link(gguf.path, target)
                 except OSError:
                     shutil.copy2(gguf.path, target)
+            elif PREPARED_FORMATS[fmt].get("tools") == "optimum":
+                python = tools_python("optimum")  # fail before any work when it is missing
+                tools = _tool_versions(python, log, CONVERTER_OPTIMUM)
+                hf = _hf_folder(name, gguf, tools_python, home, log)
+                with contextlib.suppress(ModelError):  # None: .venv-tools is not installed
+                    hf_tools = _tool_versions(tools_python(), log)
+                params = PREPARED_FORMATS[fmt]["params"]
+                steps.append(_run_tool(python, [
+                    "export", "--hf", str(hf), "--out", str(tmp),
+                    "--opset", str(params["opset"])], log, CONVERTER_OPTIMUM))
             else:
                 python = tools_python()
                 tools = _tool_versions(python, log)
-                hf = _hf_folder(name, gguf, python, home, log)
+                hf = _hf_folder(name, gguf, lambda: python, home, log)
+                hf_tools = tools
                 params = PREPARED_FORMATS[fmt]["params"]
                 if fmt == "onnx":
                     args = ["onnx", "--hf", str(hf), "--out", str(tmp),
@@ -337,6 +407,11 @@ def prepare(
                 "params": PREPARED_FORMATS[fmt]["params"],
                 "tools": tools,
                 "converter_sha256": _file_sha(CONVERTER) if fmt != "gguf" else None,
+                "converters": {p.name: _file_sha(p) for p in _key_inputs(fmt)[1]},
+                "tool_requirements": {p.name: _file_sha(p) for p in _key_inputs(fmt)[0]},
+                "intermediate_hf": str(hf) if hf is not None else None,
+                # the environment that dequantised the GGUF into it (same pins: same key)
+                "intermediate_tools": hf_tools,
                 "steps": steps,
                 "seconds": round(time.monotonic() - t0, 2),
                 "created_unix": int(time.time()),
@@ -362,7 +437,7 @@ def list_models(home: Path | None = None) -> list[dict[str, Any]]:
     for name, known in sorted(KNOWN_MODELS.items()):
         for fmt in PREPARED_FORMATS:
             found = find_prepared(name, fmt, known.sha256, home)
-            backends = [b for b, f in BACKEND_FORMAT.items() if f == fmt]
+            backends = [b for b, fs in BACKEND_FORMATS.items() if fmt in fs]
             rows.append({
                 "model": name,
                 "format": fmt,

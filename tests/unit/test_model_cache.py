@@ -85,3 +85,88 @@ def test_models_list_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_models_prepare_unknown_model_is_config_error() -> None:
     result = CliRunner().invoke(main, ["models", "prepare", "nope", "--format", "onnx"])
     assert result.exit_code == 78
+
+
+def _fake_optimum_build(home: Path) -> Path:
+    folder = home / "smollm2-135m" / f"onnx-optimum-{mc.conversion_key(SHA, 'onnx-optimum')}"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"x")
+    (folder / "manifest.json").write_text(json.dumps({
+        "complete": True, "source_sha256": SHA, "model_format": "onnx",
+        "sha256": "cd" * 32, "size_bytes": 1, "quantization": "none (fp32)"}))
+    return folder
+
+
+def test_optimum_key_covers_both_tool_environments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    onnx, optimum = mc.conversion_key(SHA, "onnx"), mc.conversion_key(SHA, "onnx-optimum")
+    assert optimum != onnx
+    # new optimum pins re-export; the genai/tflite builds (other env) stay valid
+    pins = tmp_path / "tools-requirements-optimum.txt"
+    pins.write_text("optimum-onnx==9.9\n")
+    monkeypatch.setattr(mc, "TOOLS_REQUIREMENTS_OPTIMUM", pins)
+    assert mc.conversion_key(SHA, "onnx-optimum") != optimum
+    assert mc.conversion_key(SHA, "onnx") == onnx
+    # the HF folder it is exported from comes from .venv-tools: those pins count too
+    main_pins = tmp_path / "tools-requirements.txt"
+    main_pins.write_text("transformers==9.9\n")
+    before = mc.conversion_key(SHA, "onnx-optimum")
+    monkeypatch.setattr(mc, "TOOLS_REQUIREMENTS", main_pins)
+    assert mc.conversion_key(SHA, "onnx-optimum") != before
+
+
+def test_backend_default_format_unchanged_and_optimum_on_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGELM_HOME", str(tmp_path))
+    with pytest.raises(ModelError) as err:
+        mc.resolve_for_backend("smollm2-135m", "onnxruntime", fmt="onnx-optimum")
+    assert "agentctl models prepare smollm2-135m --format onnx-optimum" in str(err.value)
+    folder = _fake_optimum_build(tmp_path)
+    with pytest.raises(ModelError) as err:  # the default is still the genai folder
+        mc.resolve_for_backend("smollm2-135m", "onnxruntime")
+    assert "--format onnx " in str(err.value) + " "
+    resolved = mc.resolve_for_backend("smollm2-135m", "onnxruntime", fmt="onnx-optimum")
+    assert resolved.path == folder / "model.onnx" and resolved.format == "onnx"
+    for backend in ("tflite", "openai"):
+        with pytest.raises(ModelError) as err:
+            mc.resolve_for_backend("smollm2-135m", backend, fmt="onnx-optimum")
+        assert "cannot load prepared format 'onnx-optimum'" in str(err.value)
+
+
+def test_missing_optimum_tools_say_how_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    monkeypatch.setenv("EDGELM_TOOLS_OPTIMUM_PYTHON", str(tmp_path / "nope"))
+    monkeypatch.setattr(mc, "_HERE", tmp_path / "agent")
+    with pytest.raises(ModelError) as err:
+        mc.tools_python("optimum")
+    assert "./install.sh --tools" in str(err.value) and ".venv-tools-optimum" in str(err.value)
+    with pytest.raises(ModelError) as err:
+        mc.prepare("smollm2-135m", "onnx-optimum", home=tmp_path)
+    assert ".venv-tools-optimum" in str(err.value)
+
+
+def test_models_list_shows_optimum_for_onnxruntime(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGELM_HOME", str(tmp_path))
+    _fake_optimum_build(tmp_path)
+    result = CliRunner().invoke(main, ["models", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["format"]: r for r in json.loads(result.stdout)["models"]}
+    assert rows["onnx-optimum"]["prepared"] and rows["onnx-optimum"]["backends"] == ["onnxruntime"]
+    assert rows["onnx"]["backends"] == ["onnxruntime"] and not rows["onnx"]["prepared"]
+
+
+def test_legacy_config_spells_rope_theta_for_transformers_4() -> None:
+    from agent.model_convert_optimum import legacy_config
+
+    v5 = {"model_type": "llama", "dtype": "float32",
+          "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    cfg = legacy_config(v5)
+    assert cfg["rope_theta"] == 100000.0 and cfg["torch_dtype"] == "float32"
+    assert "rope_scaling" not in cfg and cfg["rope_parameters"] == v5["rope_parameters"]
+    scaled = legacy_config({"rope_parameters": {"rope_theta": 5e5, "rope_type": "linear",
+                                                "factor": 2.0}})
+    assert scaled["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert legacy_config({"rope_theta": 10.0}) == {"rope_theta": 10.0}
