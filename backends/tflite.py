@@ -12,10 +12,21 @@ Engine facts this module relies on (ai-edge-litert 2.3, measured on this project
 - The Python ``Interpreter`` signature runner copies every input in and every output out
   per call: for SmolLM2 that is 60 KV tensors (~47 MB each way) per token, which held the
   naive loop to ~27 tok/s (shared/notes/feasibility.md §4). This backend uses
-  ``CompiledModel`` with ``TensorBuffer`` objects instead: each KV tensor lives in one numpy
-  array wrapped zero-copy (``TensorBuffer.create_from_host_memory``) and is bound as both
-  the input and the output of every step, so the cache is updated in place and never crosses
-  into Python. Only the token, its position and the logits row (vocab floats) are copied.
+  ``CompiledModel`` with ``TensorBuffer`` objects instead: each KV tensor is one buffer made
+  by ``create_input_buffer_by_name`` and bound as both the input and the output of every
+  step, so the cache is updated in place and never crosses into Python. Only the token, its
+  position and the logits row (vocab floats) are copied. (``TensorBuffer
+  .create_from_host_memory`` would let a numpy array own the memory, but in 2.3 it makes a
+  1-D buffer, which the compiled model refuses to bind to a [1, kv, heads, dim] input.)
+- The converted graph attends over all ``kv_len`` cache slots every step (later ones masked),
+  so each decode step reads the whole cache (60 × 786 KB for SmolLM2 at kv 1024), through
+  XNNPACK transposes and weight packing. Slots never written stay on the kernel's shared zero
+  page, which those reads hit in cache; writing zeros into the fresh buffers at load made them
+  real memory and cost about 3× the transpose time (perf, 1 thread: 405 vs 123 samples per
+  64 tokens) — the whole of the gap to a raw engine loop that skips the write. So only the
+  part of a buffer that does not already read as zeros is zeroed (the mask makes old finite
+  values harmless, but recycled heap memory could hold NaNs, and 0 × NaN is NaN). A request that
+  reaches position P makes the slots up to P real for every later request, raw loop alike.
 - Prefill positions past the prompt are padding; the model masks cache slots beyond the
   current position, and decode overwrites them before they are ever attended to (the
   pattern of litert-torch's ``text_generator_main.cc``).
@@ -149,10 +160,13 @@ class TfliteBackend(Backend):
         details = cm.get_input_tensor_details("decode")
         self._kv_arrays, self._kv_buffers = [], {}
         for name in self._kv_names:
-            shape = [int(d) for d in details[name]["shape"]]
-            buf = cm.create_input_buffer_by_name("decode", name)
-            buf.write(np.zeros(shape, dtype=np.float32))
-            self._kv_buffers[name] = buf
+            self._kv_buffers[name] = cm.create_input_buffer_by_name("decode", name)
+        # Only after all are allocated: the temporary arrays of the check must not be
+        # recycled into a KV buffer.
+        for name, buf in self._kv_buffers.items():
+            dirty = _dirty_prefix(buf, [int(d) for d in details[name]["shape"]], np)
+            if dirty:
+                buf.write(np.zeros(dirty, dtype=np.float32))  # a write fills a prefix
         self._kv_len = int(details[self._kv_names[0]]["shape"][1])
         out_details = cm.get_output_tensor_details("decode")
         logits_shape = [int(d) for d in out_details["logits"]["shape"]]
@@ -309,6 +323,22 @@ class TfliteBackend(Backend):
         self._cm = None
         self._kv_arrays = []
         self._tok = None
+
+
+def _dirty_prefix(buf: Any, shape: list[int], np: Any) -> int:
+    """Length of the prefix of a fresh float32 buffer that must be zeroed (0: none).
+
+    Reading leaves untouched pages on the shared zero page (no memory is committed), which
+    writing zeros would not; see the module docstring for why that matters here. Measured
+    with ai-edge-litert 2.3: a third of SmolLM2's 60 buffers come from recycled heap memory
+    with one stray word near the start (allocator bookkeeping), so zeroing up to the last
+    non-zero element (NaN counts) touches one page, not the buffer.
+    """
+    count = 1
+    for d in shape:
+        count *= d
+    nonzero = np.flatnonzero(buf.read(count, np.float32))
+    return int(nonzero[-1]) + 1 if len(nonzero) else 0
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ on a shared VM hits both alike.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -80,13 +81,18 @@ def main() -> None:
     worker.stop()
 
     med = statistics.median
+    load = os.getloadavg()
     print(f"SmolLM2-135M Q4_1, {args.threads} threads, {args.max_tokens} tokens, "
-          f"{args.runs} alternating runs (medians)")
+          f"{args.runs} alternating runs (medians); load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f} on {os.cpu_count()} CPUs")
     print(f"{'metric':<16}{'raw llama.cpp':>15}{'agent':>12}{'agent/raw':>12}")
     print(f"{'decode tok/s':<16}{med(raw_tgs):>15.1f}{med(agent_tgs):>12.1f}"
           f"{med(agent_tgs) / med(raw_tgs):>12.3f}")
     print(f"{'TTFT ms':<16}{med(raw_ttft):>15.1f}{med(agent_ttft):>12.1f}"
           f"{med(agent_ttft) / med(raw_ttft):>12.3f}")
+    # Each agent run against the raw run just before it: drift between pairs cancels.
+    paired = med(a / r for a, r in zip(agent_tgs, raw_tgs, strict=True))
+    print(f"{'decode, paired':<16}{'':>15}{'':>12}{paired:>12.3f}")
 
 
 if __name__ == "__main__":

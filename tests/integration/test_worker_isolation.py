@@ -3,6 +3,7 @@ the in-flight request, is restarted with backoff, and the next request succeeds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -109,3 +110,27 @@ def test_deadline_on_a_streaming_worker_cancels_without_a_restart(model_path: Pa
         assert worker.restarts == 0
     finally:
         worker.stop()
+
+
+def test_events_are_batched_but_the_first_token_is_never_held(
+    model_path: Path, worker: InferenceWorker
+) -> None:
+    """With a batch interval longer than the generation, the first token still reaches the
+    parent while the engine is decoding, the rest travel with the final event (one wake-up
+    of the parent instead of one per token), and nothing is lost or reordered."""
+    request = GenerationRequest(messages=BENCH_MESSAGES, max_tokens=200, ignore_eos=True)
+    batched = InferenceWorker(dataclasses.replace(
+        _worker(model_path).config, stream_batch_s=3600.0))
+    try:
+        batched.start()
+        received = [(time.monotonic_ns(), event) for event in batched.generate(request)]
+    finally:
+        batched.stop()
+    tokens = [(at, e) for at, e in received if e.token_ids]
+    assert len(tokens) == 200 and received[-1][1].final
+    last_token_ns = tokens[-1][1].t_ns
+    assert tokens[0][0] < last_token_ns  # delivered before the engine made token 200
+    assert all(at >= last_token_ns for at, _ in tokens[1:])  # held for the final flush
+    assert [e.t_ns for _, e in tokens] == sorted(e.t_ns for _, e in tokens)
+    # the default (50 ms batches) streams the same greedy text
+    assert "".join(e.text for _, e in received) == run_generation(worker, request).text

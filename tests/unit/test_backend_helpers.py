@@ -63,3 +63,29 @@ def test_ignore_eos_and_max_tokens() -> None:
 def test_stop_string_is_cut() -> None:
     ev = _events([4, 3, 4], stop=(" st",))
     assert "".join(e.text for e in ev) == "x" and ev[-1].finish_reason == "stop"
+
+
+class _HostBuffer:
+    """Stands in for a LiteRT TensorBuffer: ``read`` copies its float32 contents out."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+
+    def read(self, count: int, dtype: object) -> np.ndarray:
+        return np.array(self.data.reshape(-1)[:count], dtype=dtype)
+
+
+def test_tflite_kv_zeroing_covers_exactly_the_dirty_prefix() -> None:
+    """Fresh KV buffers are zeroed only up to their last non-zero word (NaN included), so
+    pages still on the kernel's zero page are never written (backends/tflite.py)."""
+    from backends.tflite import _dirty_prefix
+
+    shape = [1, 16, 3, 4]
+    clean = np.zeros(shape, dtype=np.float32)
+    assert _dirty_prefix(_HostBuffer(clean), shape, np) == 0
+    stray = clean.copy()
+    stray.reshape(-1)[6] = 1e-42  # allocator bookkeeping read as a denormal float
+    assert _dirty_prefix(_HostBuffer(stray), shape, np) == 7
+    nan = clean.copy()
+    nan.reshape(-1)[[3, 150]] = np.nan
+    assert _dirty_prefix(_HostBuffer(nan), shape, np) == 151
