@@ -184,11 +184,15 @@ class LlamaCppBackend(Backend):
             return piece
 
         def sampled() -> Iterator[tuple[int, int]]:
-            for token in llm.generate(
-                tokens, temp=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                min_p=0.0, repeat_penalty=1.0, reset=True, logits_processor=logits_processor,
-            ):
-                yield int(token), time.monotonic_ns()
+            try:
+                for token in llm.generate(
+                    tokens, temp=request.temperature, top_k=request.top_k,
+                    top_p=request.top_p, min_p=0.0, repeat_penalty=1.0, reset=True,
+                    logits_processor=logits_processor,
+                ):
+                    yield int(token), time.monotonic_ns()
+            finally:
+                _free_sampler(llm)
 
         def counters() -> dict[str, Any]:
             perf = llama_cpp.llama_perf_context(llm.ctx)
@@ -247,3 +251,24 @@ def _int_or_none(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _free_sampler(llm: Any) -> None:
+    """Free the sampler chain ``Llama.generate`` left behind, now rather than at a full GC.
+
+    llama-cpp-python builds a sampler chain per ``generate`` call and keeps it on the
+    ``Llama`` object until the next call replaces it. With a logits processor (used here to
+    ban end-of-generation tokens for ``ignore_eos``) the chain sits in a reference cycle
+    (closures that reference their owner), so only the cyclic collector's rare full passes
+    free it and the native memory it holds. Measured in the worker, 2 threads, 16-token
+    ``ignore_eos`` requests: RSS 221 MB after 20 requests, 227-238 MB between 50 and 300
+    (+5.1 % at 300), falling back after each full collection, with the heap in use flat; with
+    the chain closed after each request, 215.4 → 215.5 MB from 20 to 300 requests.
+    """
+    sampler = getattr(llm, "_sampler", None)
+    if sampler is None:
+        return
+    llm._sampler = None
+    close = getattr(sampler, "close", None)
+    if callable(close):
+        close()
