@@ -1226,31 +1226,7 @@ def _avail_dict(avail: Any) -> dict[str, Any]:
 
 
 def open_sequence(path: Path) -> SequenceCounter:
-    """The device's message counter, seeded from the clock when it has no usable file.
-
-    Receivers deduplicate by ``(device, seq)`` (DESIGN.md §4), so a counter that starts over
-    at 1 (a new or wiped state directory, a file that no longer parses) would have its
-    messages dropped by the collector as duplicates of older ones. A counter without a file
-    starts at the clock in µs since the epoch instead: above anything an earlier life of the
-    device could have reached at one message per µs. An existing file continues as before.
-    """
-    try:
-        text = path.read_text().strip()
-        usable = text.isdigit()
-    except FileNotFoundError:
-        text, usable = "", False
-    except OSError as exc:  # unreadable: SequenceCounter's own write reports what is wrong
-        text, usable = f"<{exc}>", False
-    if not usable:
-        if text:
-            logger.error("sequence file %s holds %r, not a number; starting from the clock",
-                         path, text[:40])
-        tmp = path.with_suffix(".seed")
-        with tmp.open("w") as fh:
-            fh.write(str(time.time_ns() // 1000))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    """The device's message counter (see :mod:`agent.sequence` for how it never repeats)."""
     return SequenceCounter(path)
 
 
