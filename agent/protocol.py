@@ -244,6 +244,12 @@ def parse_request(payload: bytes, max_payload_bytes: int) -> InferRequest:
     unknown = sorted(set(obj) - known)
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)}")
+    # The schema allows null nowhere; "null = default" would make a request valid for this
+    # parser but not for the schema every other consumer validates with.
+    nulls = sorted(k for k, v in obj.items() if v is None)
+    if nulls:
+        raise bad(f"field(s) {', '.join(nulls)} must not be null (leave a field out for its "
+                  "default)")
     schema = obj.get("schema", REQUEST_SCHEMA)
     if schema != REQUEST_SCHEMA:
         raise bad(f"unsupported schema {schema!r}; this agent speaks {REQUEST_SCHEMA}")

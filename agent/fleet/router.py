@@ -54,7 +54,6 @@ import fcntl
 import json
 import logging
 import math
-import os
 import queue
 import random
 import shutil
@@ -865,28 +864,10 @@ class MqttSink(Sink):
 
 
 def _seeded_counter(path: Path) -> SequenceCounter:
-    """A persistent counter whose first life starts at the clock (µs since the epoch).
+    """The router's record counter, unique across restarts and lost state directories.
 
-    Seeding from the clock keeps ``(router, seq)`` unique even when a state directory is lost
-    or replaced: a fresh counter starts above every number an earlier life could have used
-    (it would have had to publish more than one record per microsecond to catch up), while
-    an existing one continues from its file whatever the clock does. A file that does not
-    hold a number is treated as missing (it would otherwise start over at 1).
+    See :mod:`agent.sequence`: a counter without a usable file starts from the clock.
     """
-    try:
-        usable = path.read_text().strip().isdigit()
-    except OSError:
-        usable = False
-    if not usable:
-        if path.exists():
-            logger.error("router sequence file %s holds not a number; starting from "
-                         "the clock", path)
-        tmp = path.with_suffix(".seed")
-        with tmp.open("w") as fh:
-            fh.write(str(time.time_ns() // 1000))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     return SequenceCounter(path)
 
 
@@ -970,10 +951,10 @@ def _make_handler(router: EdgeRouter) -> type[BaseHTTPRequestHandler]:
                 return
             stream = bool(body.get("stream", False))
             cid = f"chatcmpl-{uuid.uuid4().hex[:20]}"
-            request: dict[str, Any] = {"id": cid, "messages": body.get("messages"),
-                                       "max_tokens": body.get("max_tokens")
+            request: dict[str, Any] = {"id": cid, "max_tokens": body.get("max_tokens")
                                        or body.get("max_completion_tokens") or 256}
-            for k in ("temperature", "top_p", "seed", "stop"):
+            # OpenAI clients send null for "not set"; our request schema has no nulls
+            for k in ("messages", "temperature", "top_p", "seed", "stop"):
                 if body.get(k) is not None:
                     request[k] = body[k]
             model = body.get("model")
