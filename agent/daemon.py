@@ -902,18 +902,24 @@ class AgentDaemon:
         )
         props = reply_properties(job.reply.correlation)
         index = 0
+        untold_tokens = 0  # tokens whose text has not gone out in a chunk yet
 
         def on_event(event: TokenEvent) -> None:
-            nonlocal index
+            nonlocal index, untold_tokens
             if self._cancel_inflight.is_set():
                 raise BackendError("backend_failed", "the agent is shutting down",
                                    {"retryable": True})
-            if req.stream and event.text and not event.final:
+            untold_tokens += len(event.token_ids)
+            # The final event carries text too: what the stream held back as a possible
+            # stop-string prefix or an incomplete UTF-8 character. The chunks' deltas add up
+            # to the result's text, and their tokens to the tokens that made it.
+            if req.stream and event.text:
+                tokens, untold_tokens = untold_tokens, 0
                 if self._link.is_connected():
                     try:
                         self._link.publish(job.reply.topic, self._encode(self._envelope(
                             CHUNK_SCHEMA, id=req.id, index=index, delta=event.text,
-                            tokens=len(event.token_ids),
+                            tokens=tokens,
                         )), qos=1, properties=props)
                     except PublishError:
                         self.counters.chunks_dropped_offline += 1

@@ -267,3 +267,26 @@ def test_duplicate_request_id_is_not_run_twice(broker: Mosquitto, agent: Agent) 
     assert second["seq"] == first["seq"] and second["text"] == first["text"]
     watcher.close()
     client.close()
+
+
+def test_stream_chunks_add_up_to_the_result_with_held_back_text(
+    broker: Mosquitto, agent: Agent
+) -> None:
+    """Text the stream holds back (a possible stop-string prefix) arrives with the final
+    event; it must go out as a chunk too. Greedy SmolLM2 continues the raw prompt "Hi" with
+    "-squared_term = 1.0\\n\\nThe function…": the last words are a prefix of the stop string,
+    so they are held until the token limit ends the generation. Found by a new user: the
+    chunks ended before "The function" while the result had it."""
+    watcher = TestClient(broker.port)
+    watcher.subscribe(f"{agent.prefix}/status")
+    wait_online(watcher, agent)
+    client = TestClient(broker.port)
+    reply, _ = v5_request(client, agent, {"id": "held-1", "prompt": "Hi", "max_tokens": 13,
+                                          "temperature": 0, "stop": ["The functionality"]})
+    chunks, final, _ = collect_reply(client, reply)
+    assert final["status"] == "ok", final
+    assert final["text"].endswith("The function"), final["text"]
+    assert final["finish_reason"] == "length"
+    assert "".join(c["delta"] for c in chunks) == final["text"]
+    assert sum(c["tokens"] for c in chunks) == final["usage"]["completion_tokens"]
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))
