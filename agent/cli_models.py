@@ -38,8 +38,8 @@ def models_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"home": str(models_home()), "models": rows}))
         return
-    click.echo(f"model cache: {models_home()} (searched: "
-               f"{', '.join(str(h) for h in search_homes())})")
+    click.echo(f"new builds go to: {models_home()}; searched: "
+               f"{', '.join(str(h) for h in search_homes())}")
     for row in rows:
         state = "prepared" if row["prepared"] else "missing"
         where = row["path"] or f"run: {row['prepare']}"

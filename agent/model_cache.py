@@ -84,16 +84,20 @@ BACKEND_FORMATS: dict[str, tuple[str, ...]] = {
 
 
 def models_home() -> Path:
-    """The cache root: ``$EDGELM_HOME``, else the system path if writable, else per-user."""
+    """Where new builds go: ``$EDGELM_HOME``, else the system path, else per-user.
+
+    The system path when this user could write it (it, or its closest existing parent).
+    Creates nothing: a listing must not leave an empty system folder behind (prepare creates
+    the folder it writes into).
+    """
     env = os.environ.get("EDGELM_HOME")
     if env:
         return Path(env).expanduser()
-    try:
-        DEFAULT_HOME.mkdir(parents=True, exist_ok=True)
-        if os.access(DEFAULT_HOME, os.W_OK | os.X_OK):
-            return DEFAULT_HOME
-    except OSError:
-        pass
+    probe = DEFAULT_HOME
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
+        return DEFAULT_HOME
     return FALLBACK_HOME.expanduser()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,16 @@ def test_legacy_config_spells_rope_theta_for_transformers_4() -> None:
                                                 "factor": 2.0}})
     assert scaled["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
     assert legacy_config({"rope_theta": 10.0}) == {"rope_theta": 10.0}
+
+
+def test_models_home_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`models list` as root left an empty /var/lib/edgelm/models behind (a new user's trial)."""
+    monkeypatch.delenv("EDGELM_HOME", raising=False)
+    system = tmp_path / "var" / "lib" / "edgelm" / "models"
+    monkeypatch.setattr(mc, "DEFAULT_HOME", system)
+    assert mc.models_home() == system  # its closest existing parent is writable
+    assert not (tmp_path / "var").exists()
+    (tmp_path / "ro").mkdir(mode=0o500)
+    monkeypatch.setattr(mc, "DEFAULT_HOME", tmp_path / "ro" / "models")
+    if os.geteuid() != 0:  # root may write anywhere
+        assert mc.models_home() == mc.FALLBACK_HOME.expanduser()
