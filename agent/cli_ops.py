@@ -73,12 +73,40 @@ def check_backend(cfg: AgentConfig) -> None:
     name = cfg.model.backend
     if name in known:
         return
-    where = cfg.source or "config"
+    where = cfg.where("model.backend")
     if name in broken:
         raise ConfigError(f"{where}: model.backend: backend {name!r} cannot be loaded: "
                           f"{broken[name]}")
     raise ConfigError(f"{where}: model.backend: unknown backend {name!r} (registered: "
                       f"{', '.join(sorted(known)) or 'none'})")
+
+
+def check_identity(cfg: AgentConfig, required: bool = True) -> None:
+    """``agent.fleet`` and ``agent.device`` are set (when ``required``) and valid segments.
+
+    The error names where the bad value came from (file, variable or flag).
+
+    Raises:
+        ConfigError: Naming the origin and key.
+    """
+    from agent.protocol import validate_segment
+
+    for key, value, hint in (("agent.fleet", cfg.agent.fleet, "--fleet or EDGELM_FLEET"),
+                             ("agent.device", cfg.agent.device, "--device or EDGELM_DEVICE")):
+        if not value:
+            if required:
+                raise ConfigError(f"{cfg.where(key)}: {key} is required ({hint})")
+            continue
+        try:
+            validate_segment(key, value)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.where(key)}: {exc}") from None
+
+
+def _tls_without_mqtts(cfg: AgentConfig) -> str:
+    key = "mqtt.ca_file" if "mqtt.ca_file" in cfg.origins else "mqtt.cert_file"
+    return (f"{cfg.where(key)}: {key} needs an mqtts:// broker URL (mqtt.broker is "
+            f"{cfg.mqtt.broker!r}, from {cfg.where('mqtt.broker')})")
 
 
 def broker_config_of(cfg: AgentConfig) -> Any:
@@ -90,18 +118,18 @@ def broker_config_of(cfg: AgentConfig) -> Any:
     from agent.mqtt import parse_broker_url
 
     m = cfg.mqtt
-    where = cfg.source or "config"
     base = parse_broker_url(m.broker)
     password = m.password
     if m.password_file:
         try:
             password = Path(m.password_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"{where}: mqtt.password_file: {exc}") from None
+            raise ConfigError(f"{cfg.where('mqtt.password_file')}: mqtt.password_file: "
+                              f"{exc}") from None
     if (m.ca_file or m.cert_file) and not base.tls:
-        raise ConfigError(f"{where}: mqtt.ca_file/cert_file need an mqtts:// broker URL")
+        raise ConfigError(_tls_without_mqtts(cfg))
     if m.key_file and not m.cert_file:
-        raise ConfigError(f"{where}: mqtt.key_file needs mqtt.cert_file")
+        raise ConfigError(f"{cfg.where('mqtt.key_file')}: mqtt.key_file needs mqtt.cert_file")
     return dataclasses.replace(
         base, protocol=m.protocol, keepalive_s=m.keepalive_s,
         username=m.username if m.username is not None else base.username,
@@ -122,26 +150,20 @@ def daemon_config_from(explicit: str | None, flags: Mapping[str, Any],
     from agent.daemon import DaemonConfig, default_state_dir
     from agent.models import resolve_model
     from agent.outbox import OutboxConfig
-    from agent.protocol import validate_segment
     from backends.base import resolve_threads
 
     cfg = load_from(explicit, flags, env)
-    where = cfg.source or "config"
-    if not cfg.agent.fleet:
-        raise ConfigError(f"{where}: agent.fleet is required (--fleet or EDGELM_FLEET)")
-    if not cfg.agent.device:
-        raise ConfigError(f"{where}: agent.device is required (--device or EDGELM_DEVICE)")
+    check_identity(cfg)
+    assert cfg.agent.fleet and cfg.agent.device  # checked just above
     try:
-        validate_segment("agent.fleet", cfg.agent.fleet)
-        validate_segment("agent.device", cfg.agent.device)
         n_threads, how = resolve_threads(cfg.model.threads)
     except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{cfg.where('model.threads')}: {exc}") from None
     check_backend(cfg)
     try:
         resolved = resolve_model(cfg.model.name)
     except ModelError as exc:
-        raise ConfigError(f"{where}: model.name: {exc}") from None
+        raise ConfigError(f"{cfg.where('model.name')}: model.name: {exc}") from None
     a, o = cfg.admission, cfg.outbox
     return DaemonConfig(
         broker=broker_config_of(cfg), fleet=cfg.agent.fleet, device=cfg.agent.device,
@@ -198,12 +220,13 @@ def config_check(config_path: str | None, as_json: bool) -> None:
     try:
         cfg = load_from(config_path, {}, env)
         check_backend(cfg)
+        # fleet and device may come from `run`'s flags, so only their values are checked
+        check_identity(cfg, required=False)
         if cfg.mqtt.ca_file or cfg.mqtt.cert_file or cfg.mqtt.key_file:
             from agent.mqtt import parse_broker_url
 
             if not parse_broker_url(cfg.mqtt.broker).tls:
-                raise ConfigError(f"{cfg.source or 'config'}: mqtt.ca_file/cert_file need an "
-                                  "mqtts:// broker URL")
+                raise ConfigError(_tls_without_mqtts(cfg))
         if cfg.prometheus.enabled:
             from agent.prometheus import parse_listen
 

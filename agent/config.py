@@ -126,6 +126,16 @@ class AgentConfig:
     energy: EnergySection = field(default_factory=EnergySection)
     prometheus: PrometheusSection = field(default_factory=PrometheusSection)
     source: str | None = None
+    # "section.key" -> where its value came from (file path, "environment EDGELM_…",
+    # "flag for section.key"); keys left at their defaults are absent
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def where(self, *keys: str) -> str:
+        """Where the first of ``keys`` that was set came from, for an error message."""
+        for key in keys:
+            if key in self.origins:
+                return self.origins[key]
+        return self.source or "config"
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as a dict with secrets replaced (for ``agentctl config check``)."""
@@ -306,8 +316,11 @@ def parse_toml(text: str, where: str) -> dict[str, dict[str, Any]]:
     return values
 
 
-def env_values(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def env_values(env: Mapping[str, str], origins: dict[str, str] | None = None
+               ) -> dict[str, dict[str, Any]]:
     """``EDGELM_<SECTION>_<KEY>`` overrides; variables of unknown sections are ignored.
+
+    ``origins``, when given, receives ``"section.key" -> "environment NAME"``.
 
     Raises:
         ConfigError: A variable names a known section but an unknown key, or a bad value.
@@ -319,13 +332,14 @@ def env_values(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         where = f"environment {name}"
         if name in ENV_ALIASES:
             section, key = ENV_ALIASES[name].split(".")
-            _apply(values, where, section, key, env[name], from_text=True)
-            continue
-        rest = name[len(ENV_PREFIX):].lower()
-        section, _, key = rest.partition("_")
-        if section not in _SECTIONS or not key:
-            continue  # e.g. EDGELM_LLAMA_CMAKE_ARGS (install.sh), EDGELM_CONFIG
+        else:
+            rest = name[len(ENV_PREFIX):].lower()
+            section, _, key = rest.partition("_")
+            if section not in _SECTIONS or not key:
+                continue  # e.g. EDGELM_LLAMA_CMAKE_ARGS (install.sh), EDGELM_CONFIG
         _apply(values, where, section, key, env[name], from_text=True)
+        if origins is not None:
+            origins[f"{section}.{key}"] = where
     return values
 
 
@@ -347,7 +361,7 @@ def load_config(
     Raises:
         ConfigError: Naming the file, variable or flag and the key.
     """
-    layers: list[dict[str, dict[str, Any]]] = []
+    layers: list[tuple[dict[str, dict[str, Any]], Mapping[str, str] | str]] = []
     source = None
     if path is not None:
         try:
@@ -359,26 +373,32 @@ def load_config(
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read: {exc}") from None
         if text is not None:
-            layers.append(parse_toml(text, str(path)))
+            layers.append((parse_toml(text, str(path)), str(path)))
             source = str(path)
-    layers.append(env_values(env or {}))
+    env_origins: dict[str, str] = {}
+    layers.append((env_values(env or {}, env_origins), env_origins))
     flag_values: dict[str, dict[str, Any]] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         section, _, key = dotted.partition(".")
         _apply(flag_values, f"flag for {dotted}", section, key, value, from_text=False)
-    layers.append(flag_values)
+    layers.append((flag_values, {f"{sec}.{k}": f"flag for {sec}.{k}"
+                                 for sec, kv in flag_values.items() for k in kv}))
     merged: dict[str, dict[str, Any]] = {}
-    for layer in layers:
+    origins: dict[str, str] = {}
+    for layer, origin in layers:
         for section, kv in layer.items():
             merged.setdefault(section, {}).update(kv)
+            for key in kv:
+                dotted = f"{section}.{key}"
+                origins[dotted] = origin if isinstance(origin, str) else origin[dotted]
     sections = {name: cls(**merged.get(name, {})) for name, cls in _SECTIONS.items()}
-    cfg = AgentConfig(**sections, source=source)
+    cfg = AgentConfig(**sections, source=source, origins=origins)
     if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
-        raise ConfigError(f"{source or 'config'}: mqtt.reconnect_max_s must be >= "
-                          "mqtt.reconnect_min_s")
+        raise ConfigError(f"{cfg.where('mqtt.reconnect_max_s', 'mqtt.reconnect_min_s')}: "
+                          "mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
     if cfg.mqtt.password is not None and cfg.mqtt.password_file is not None:
-        raise ConfigError(f"{source or 'config'}: set mqtt.password or mqtt.password_file, "
-                          "not both")
+        raise ConfigError(f"{cfg.where('mqtt.password_file', 'mqtt.password')}: set "
+                          "mqtt.password or mqtt.password_file, not both")
     return cfg

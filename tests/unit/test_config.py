@@ -144,3 +144,28 @@ def test_daemon_config_carries_log_level_and_reloads_with_the_start_flags(
     p.write_text('[admission]\nrate_limit = "many"\n')
     with pytest.raises(ConfigError, match=r"admission.rate_limit"):
         load()
+
+
+def test_errors_name_where_the_bad_value_came_from(tmp_path: Path) -> None:
+    """A value from a variable or a flag was blamed on the file (a new user's trial)."""
+    runner = CliRunner()
+    cfg = write(tmp_path, "[agent]\nfleet = 'f'\ndevice = 'd'\n[model]\nbackend = 'llamacpp'\n")
+    res = runner.invoke(main, ["config", "check", "--config", str(cfg)],
+                        env={"EDGELM_MODEL_BACKEND": "foo"})
+    assert res.exit_code == 78
+    assert "environment EDGELM_MODEL_BACKEND: model.backend: unknown backend 'foo'" in res.output
+    # config check refuses an identity that run would refuse, naming the variable
+    res = runner.invoke(main, ["config", "check", "--config", str(cfg)],
+                        env={"EDGELM_FLEET": "a/b"})
+    assert res.exit_code == 78 and "environment EDGELM_FLEET" in res.output, res.output
+    res = runner.invoke(main, ["config", "check", "--config", str(cfg)],
+                        env={"EDGELM_MQTT_CA_FILE": "/x"})
+    assert res.exit_code == 78
+    assert "environment EDGELM_MQTT_CA_FILE: mqtt.ca_file needs an mqtts://" in res.output
+    res = runner.invoke(main, ["run", "--config", str(cfg), "--fleet", "a/b"], env={})
+    assert res.exit_code == 78 and "flag for agent.fleet" in res.output, res.output
+    assert str(cfg) not in res.output
+    # the file is still named for what it set
+    bad = write(tmp_path, "[agent]\nfleet = 'x/y'\n")
+    res = runner.invoke(main, ["config", "check", "--config", str(bad)], env={})
+    assert res.exit_code == 78 and f"{bad}: agent.fleet" in res.output, res.output
