@@ -266,6 +266,11 @@ def run(config_path: str | None, **flags: Any) -> None:
     # is remembered and done once the daemon runs (run_forever installs its own handler).
     early_reload: list[bool] = []
     signal.signal(signal.SIGHUP, lambda *_: early_reload.append(True))
+    # A service's lifecycle (worker ready, broker connected, reloads, stop) belongs in its
+    # journal: the daemon logs at INFO unless -v or agent.log_level says otherwise. Request
+    # content is logged only with agent.log_content.
+    if logging.getLogger().level == logging.WARNING:
+        logging.getLogger().setLevel(logging.INFO)
 
     from agent.cli_ops import daemon_config_from, daemon_config_loader
     from agent.daemon import AgentDaemon
