@@ -266,6 +266,11 @@ def run(config_path: str | None, **flags: Any) -> None:
     # is remembered and done once the daemon runs (run_forever installs its own handler).
     early_reload: list[bool] = []
     signal.signal(signal.SIGHUP, lambda *_: early_reload.append(True))
+    # Likewise SIGTERM/SIGINT (systemctl stop, Ctrl-C while the model is hashed): the default
+    # action would end the process by the signal; remembered, the agent exits 0 once built.
+    early_stop: list[bool] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: early_stop.append(True))
     # A service's lifecycle (worker ready, broker connected, reloads, stop) belongs in its
     # journal: the daemon logs at INFO unless -v or agent.log_level says otherwise. Request
     # content is logged only with agent.log_content.
@@ -284,7 +289,8 @@ def run(config_path: str | None, **flags: Any) -> None:
         daemon = AgentDaemon(config, reload_config=daemon_config_loader(config_path, flags))
     except (OSError, ProbeError, ValueError, ConfigError) as exc:
         _fail(f"cannot start: {exc}", EXIT_CONFIG)
-    sys.exit(daemon.run_forever(reload_pending=lambda: bool(early_reload)))
+    sys.exit(daemon.run_forever(reload_pending=lambda: bool(early_reload),
+                                stop_pending=lambda: bool(early_stop)))
 
 
 from agent.cli_bench import bench as _bench_group  # noqa: E402  (registers after main exists)

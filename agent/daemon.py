@@ -1103,7 +1103,8 @@ class AgentDaemon:
             self._last_baseline_mono = now
             self._energy.measure_baseline(now - self.config.baseline_window_s, now)
 
-    def run_forever(self, reload_pending: Callable[[], bool] | None = None) -> int:
+    def run_forever(self, reload_pending: Callable[[], bool] | None = None,
+                    stop_pending: Callable[[], bool] | None = None) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code (0 on a clean stop).
 
         SIGHUP reloads the configuration (see :meth:`_do_reload`), on a command thread started
@@ -1113,10 +1114,17 @@ class AgentDaemon:
             reload_pending: Whether a SIGHUP came before this method took the signal over
                 (the CLI catches it from its start); read once the handler is installed, so
                 none is lost in between.
+            stop_pending: The same for SIGTERM/SIGINT: a stop asked for while the agent was
+                still starting ends it here, cleanly (exit 0), before anything is started.
         """
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
+        if stop_pending is not None and stop_pending():
+            logger.info("stop requested during start-up; nothing was started")
+            self.outbox.close()
+            self._results.close()
+            return 0
         if reload_pending is not None and reload_pending():
             logger.info("SIGHUP during start-up: reloading once started")
             self._request_reload()

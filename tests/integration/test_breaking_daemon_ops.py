@@ -146,11 +146,29 @@ def test_a_damaged_idempotency_store_does_not_stop_the_agent_or_its_answers(
     assert d.stop() == 0
 
 
-def _catches_sighup(pid: int) -> bool:
+def _catches_sighup(pid: int, sig: int = signal.SIGHUP) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
     return False
+
+
+def test_sigterm_while_the_agent_starts_exits_cleanly(
+    broker: Mosquitto, tmp_path: Path, daemons: list[Daemon]  # noqa: F811
+) -> None:
+    # Found by CI: a stop sent while the agent was still being built (config read, model
+    # hashed) ended it by the signal (exit -15) instead of a clean stop.
+    d = Daemon(tmp_path, f'[mqtt]\nbroker = "{broker.url}"\n')
+    daemons.append(d)
+    end = time.monotonic() + 30
+    while not _catches_sighup(d.proc.pid, signal.SIGTERM):
+        assert d.alive() and time.monotonic() < end, d.tail()
+        time.sleep(0.002)
+    built = (d.state_dir / "idempotency.sqlite3").exists()
+    d.proc.send_signal(signal.SIGTERM)
+    assert not built, "SIGTERM is caught only once the daemon is built"
+    assert d.proc.wait(30) == 0, d.tail()
+    assert "stop requested during start-up" in d.log.read_text()
 
 
 def test_sighup_while_the_agent_starts_is_a_reload_not_a_silent_death(
