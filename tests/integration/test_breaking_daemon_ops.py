@@ -146,11 +146,22 @@ def test_a_damaged_idempotency_store_does_not_stop_the_agent_or_its_answers(
     assert d.stop() == 0
 
 
-def _catches_sighup(pid: int, sig: int = signal.SIGHUP) -> bool:
+def _catches(pid: int, sig: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
     return False
+
+
+def _signal_while_starting(d: Daemon, sig: int) -> None:
+    """Send ``sig`` as soon as the agent catches it, and check that was before it was built."""
+    end = time.monotonic() + 30
+    while not _catches(d.proc.pid, sig):
+        assert d.alive() and time.monotonic() < end, d.tail()
+        time.sleep(0.002)
+    built = (d.state_dir / "idempotency.sqlite3").exists()
+    d.proc.send_signal(sig)
+    assert not built, f"{signal.Signals(sig).name} is caught only once the daemon is built"
 
 
 def test_sigterm_while_the_agent_starts_exits_cleanly(
@@ -160,13 +171,7 @@ def test_sigterm_while_the_agent_starts_exits_cleanly(
     # hashed) ended it by the signal (exit -15) instead of a clean stop.
     d = Daemon(tmp_path, f'[mqtt]\nbroker = "{broker.url}"\n')
     daemons.append(d)
-    end = time.monotonic() + 30
-    while not _catches_sighup(d.proc.pid, signal.SIGTERM):
-        assert d.alive() and time.monotonic() < end, d.tail()
-        time.sleep(0.002)
-    built = (d.state_dir / "idempotency.sqlite3").exists()
-    d.proc.send_signal(signal.SIGTERM)
-    assert not built, "SIGTERM is caught only once the daemon is built"
+    _signal_while_starting(d, signal.SIGTERM)
     assert d.proc.wait(30) == 0, d.tail()
     assert "stop requested during start-up" in d.log.read_text()
 
@@ -179,13 +184,7 @@ def test_sighup_while_the_agent_starts_is_a_reload_not_a_silent_death(
     # counts as a clean exit, so Restart=on-failure left the device down.
     d = Daemon(tmp_path, f'[mqtt]\nbroker = "{broker.url}"\n')
     daemons.append(d)
-    end = time.monotonic() + 30
-    while not _catches_sighup(d.proc.pid):
-        assert d.alive() and time.monotonic() < end, d.tail()
-        time.sleep(0.002)
-    built = (d.state_dir / "idempotency.sqlite3").exists()
-    d.proc.send_signal(signal.SIGHUP)
-    assert not built, "SIGHUP is caught only once the daemon is built"
+    _signal_while_starting(d, signal.SIGHUP)
     client = TestClient(broker.port)
     client.subscribe(f"{d.prefix}/status")
     wait_online(client, d)
