@@ -284,7 +284,7 @@ def test_fleet_burst_overflow_failover_and_accounting(
         wait_for(online, 60, "r2 to see the agents")
         long_ids = [f"long-{i}" for i in range(3)]
         long_replies = {rid: mqtt_request(client, ingress, {
-            "id": rid, "prompt": "Count slowly: one, two, three,", "max_tokens": 24,
+            "id": rid, "prompt": "Count slowly: one, two, three,", "max_tokens": 48,
             "ignore_eos": True}) for rid in long_ids}
 
         def streaming_victim() -> tuple[str, str] | None:
@@ -294,7 +294,28 @@ def test_fleet_burst_overflow_failover_and_accounting(
                         return p.device.name, p.client_id
             return None
 
-        victim, victim_req = wait_for(streaming_victim, 60, "a device streaming", 0.02)
+        def frozen_mid_stream() -> tuple[str, str] | None:
+            """Freeze a streaming device, then confirm its request is still unfinished.
+
+            The request may complete between seeing its first text and the kill (a slow test
+            thread on a loaded host); SIGSTOP first, let in-flight messages land, and only then
+            decide, so the killed device is known to die mid-request.
+            """
+            found = streaming_victim()
+            if found is None:
+                return None
+            name, req = found
+            agents[name].proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.5)
+            with r._lock:
+                still = any(p.client_id == req and p.device is not None
+                            and p.device.name == name for p in r.pending.values())
+            if still:
+                return found
+            agents[name].proc.send_signal(signal.SIGCONT)
+            return None
+
+        victim, victim_req = wait_for(frozen_mid_stream, 60, "a device frozen mid-stream", 0.02)
         agents[victim].proc.kill()
         agents[victim].proc.wait()
         wait_for(lambda: victim not in r.online_devices(), 15, "the LWT to remove the device")
