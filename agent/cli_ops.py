@@ -91,16 +91,19 @@ def check_identity(cfg: AgentConfig, required: bool = True) -> None:
     """
     from agent.protocol import validate_segment
 
+    problems: list[str] = []
     for key, value, hint in (("agent.fleet", cfg.agent.fleet, "--fleet or EDGELM_FLEET"),
                              ("agent.device", cfg.agent.device, "--device or EDGELM_DEVICE")):
         if not value:
             if required:
-                raise ConfigError(f"{cfg.where(key)}: {key} is required ({hint})")
+                problems.append(f"{cfg.where(key)}: {key} is required ({hint})")
             continue
         try:
             validate_segment(key, value)
         except ValueError as exc:
-            raise ConfigError(f"{cfg.where(key)}: {exc}") from None
+            problems.append(f"{cfg.where(key)}: {exc}")
+    if problems:
+        raise ConfigError.of(problems)
 
 
 def _tls_without_mqtts(cfg: AgentConfig) -> str:
@@ -214,25 +217,42 @@ def config_group() -> None:
 def config_check(config_path: str | None, as_json: bool) -> None:
     """Validate the file and EDGELM_* variables; print the merged result (secrets hidden).
 
-    Exits 78 naming the file (or variable) and key on the first error.
+    Exits 78 listing every problem found, each naming the file (or variable, or flag) and key.
     """
     env = dict(os.environ)
     try:
         cfg = load_from(config_path, {}, env)
-        check_backend(cfg)
-        # fleet and device may come from `run`'s flags, so only their values are checked
-        check_identity(cfg, required=False)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    problems: list[str] = []
+
+    def tls_needs_mqtts() -> None:
         if cfg.mqtt.ca_file or cfg.mqtt.cert_file or cfg.mqtt.key_file:
             from agent.mqtt import parse_broker_url
 
             if not parse_broker_url(cfg.mqtt.broker).tls:
                 raise ConfigError(_tls_without_mqtts(cfg))
+
+    def prometheus_listen() -> None:
         if cfg.prometheus.enabled:
             from agent.prometheus import parse_listen
 
             parse_listen(cfg.prometheus.listen)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
+
+    def identity_values() -> None:
+        # fleet and device may come from `run`'s flags, so only their values are checked
+        check_identity(cfg, required=False)
+
+    def backend() -> None:
+        check_backend(cfg)
+
+    for check in (backend, identity_values, tls_needs_mqtts, prometheus_listen):
+        try:
+            check()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        _fail(str(ConfigError.of(problems)), EXIT_CONFIG)
     if as_json:
         click.echo(json.dumps(cfg.redacted(), indent=2))
         return

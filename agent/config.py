@@ -295,11 +295,23 @@ def _apply(
     values.setdefault(section, {})[key] = coerced
 
 
-def parse_toml(text: str, where: str) -> dict[str, dict[str, Any]]:
+def _collect(problems: list[str] | None, exc: ConfigError) -> None:
+    """Record ``exc`` in ``problems``, or raise it when the caller collects nothing."""
+    if problems is None:
+        raise exc
+    problems.extend(exc.problems)
+
+
+def parse_toml(text: str, where: str, problems: list[str] | None = None
+               ) -> dict[str, dict[str, Any]]:
     """Validate TOML text into ``{section: {key: value}}`` (no defaults filled in).
 
+    ``problems``, when given, receives every bad key (and the bad keys are left out) instead
+    of the first one being raised.
+
     Raises:
-        ConfigError: Naming ``where`` and the offending key.
+        ConfigError: Naming ``where`` and the offending key (TOML syntax errors always raise:
+            nothing after them can be read).
     """
     try:
         doc = tomllib.loads(text)
@@ -308,19 +320,25 @@ def parse_toml(text: str, where: str) -> dict[str, dict[str, Any]]:
     values: dict[str, dict[str, Any]] = {}
     for section, body in doc.items():
         if not isinstance(body, dict):
-            raise ConfigError(f"{where}: top-level key {section!r} must be a [section]")
+            _collect(problems, ConfigError(
+                f"{where}: top-level key {section!r} must be a [section]"))
+            continue
         for key, value in body.items():
-            if isinstance(value, dict):
-                raise ConfigError(f"{where}: {section}.{key}: nested tables are not allowed")
-            _apply(values, where, section, key, value, from_text=False)
+            try:
+                if isinstance(value, dict):
+                    raise ConfigError(f"{where}: {section}.{key}: nested tables are not allowed")
+                _apply(values, where, section, key, value, from_text=False)
+            except ConfigError as exc:
+                _collect(problems, exc)
     return values
 
 
-def env_values(env: Mapping[str, str], origins: dict[str, str] | None = None
-               ) -> dict[str, dict[str, Any]]:
+def env_values(env: Mapping[str, str], origins: dict[str, str] | None = None,
+               problems: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """``EDGELM_<SECTION>_<KEY>`` overrides; variables of unknown sections are ignored.
 
-    ``origins``, when given, receives ``"section.key" -> "environment NAME"``.
+    ``origins``, when given, receives ``"section.key" -> "environment NAME"``; ``problems``,
+    when given, receives every bad variable instead of the first one being raised.
 
     Raises:
         ConfigError: A variable names a known section but an unknown key, or a bad value.
@@ -337,7 +355,11 @@ def env_values(env: Mapping[str, str], origins: dict[str, str] | None = None
             section, _, key = rest.partition("_")
             if section not in _SECTIONS or not key:
                 continue  # e.g. EDGELM_LLAMA_CMAKE_ARGS (install.sh), EDGELM_CONFIG
-        _apply(values, where, section, key, env[name], from_text=True)
+        try:
+            _apply(values, where, section, key, env[name], from_text=True)
+        except ConfigError as exc:
+            _collect(problems, exc)
+            continue
         if origins is not None:
             origins[f"{section}.{key}"] = where
     return values
@@ -359,8 +381,10 @@ def load_config(
         required: The file was named explicitly (``--config``), so it must exist.
 
     Raises:
-        ConfigError: Naming the file, variable or flag and the key.
+        ConfigError: Naming the file, variable or flag and the key; every problem found in
+            one pass (``problems`` lists them), so one run shows all the mistakes.
     """
+    problems: list[str] = []
     layers: list[tuple[dict[str, dict[str, Any]], Mapping[str, str] | str]] = []
     source = None
     if path is not None:
@@ -373,16 +397,21 @@ def load_config(
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read: {exc}") from None
         if text is not None:
-            layers.append((parse_toml(text, str(path)), str(path)))
+            layers.append((parse_toml(text, str(path), problems), str(path)))
             source = str(path)
     env_origins: dict[str, str] = {}
-    layers.append((env_values(env or {}, env_origins), env_origins))
+    layers.append((env_values(env or {}, env_origins, problems), env_origins))
     flag_values: dict[str, dict[str, Any]] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         section, _, key = dotted.partition(".")
-        _apply(flag_values, f"flag for {dotted}", section, key, value, from_text=False)
+        try:
+            _apply(flag_values, f"flag for {dotted}", section, key, value, from_text=False)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:  # cross-key checks below would judge defaults standing in for bad values
+        raise ConfigError.of(problems)
     layers.append((flag_values, {f"{sec}.{k}": f"flag for {sec}.{k}"
                                  for sec, kv in flag_values.items() for k in kv}))
     merged: dict[str, dict[str, Any]] = {}
@@ -396,9 +425,11 @@ def load_config(
     sections = {name: cls(**merged.get(name, {})) for name, cls in _SECTIONS.items()}
     cfg = AgentConfig(**sections, source=source, origins=origins)
     if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
-        raise ConfigError(f"{cfg.where('mqtt.reconnect_max_s', 'mqtt.reconnect_min_s')}: "
-                          "mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
+        problems.append(f"{cfg.where('mqtt.reconnect_max_s', 'mqtt.reconnect_min_s')}: "
+                        "mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
     if cfg.mqtt.password is not None and cfg.mqtt.password_file is not None:
-        raise ConfigError(f"{cfg.where('mqtt.password_file', 'mqtt.password')}: set "
-                          "mqtt.password or mqtt.password_file, not both")
+        problems.append(f"{cfg.where('mqtt.password_file', 'mqtt.password')}: set "
+                        "mqtt.password or mqtt.password_file, not both")
+    if problems:
+        raise ConfigError.of(problems)
     return cfg

@@ -11,7 +11,24 @@ class AgentError(Exception):
 
 
 class ConfigError(AgentError):
-    """A configuration value or flag is wrong; the message names it. Exit code 78 (EX_CONFIG)."""
+    """A configuration value or flag is wrong; the message names it. Exit code 78 (EX_CONFIG).
+
+    Attributes:
+        problems: Every problem found, one line each, each naming its origin and key; the
+            message is the single problem, or a count followed by all of them.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = list(problems) if problems else [message]
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        """One error reporting every problem (so a user fixes them all in one round)."""
+        if len(problems) == 1:
+            return cls(problems[0])
+        lines = "\n".join(f"  - {p}" for p in problems)
+        return cls(f"{len(problems)} configuration problems:\n{lines}", problems)
 
 
 class ModelError(AgentError):

@@ -169,3 +169,38 @@ def test_errors_name_where_the_bad_value_came_from(tmp_path: Path) -> None:
     bad = write(tmp_path, "[agent]\nfleet = 'x/y'\n")
     res = runner.invoke(main, ["config", "check", "--config", str(bad)], env={})
     assert res.exit_code == 78 and f"{bad}: agent.fleet" in res.output, res.output
+
+
+def test_every_problem_is_reported_in_one_run(tmp_path: Path) -> None:
+    """One run per mistake was the old behaviour: a user with three typos ran check three times."""
+    p = write(tmp_path, "[outbox]\nttl = 5\nmax_bytes = -1\n[agent]\nlog_level = 'loud'\n"
+                        "[nope]\nx = 1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, {"EDGELM_MQTT_KEEPALIVE_S": "soon"}, {"model.threads": "lots"})
+    problems = exc.value.problems
+    assert len(problems) == 6, problems
+    text = str(exc.value)
+    assert text.startswith("6 configuration problems:")
+    for needle in ("unknown key outbox.ttl", "outbox.max_bytes must be in",
+                   "agent.log_level must be one of", "unknown section [nope]",
+                   "environment EDGELM_MQTT_KEEPALIVE_S: mqtt.keepalive_s: expected an integer",
+                   "flag for model.threads: model.threads must be 'auto'"):
+        assert sum(needle in line for line in problems) == 1, (needle, problems)
+        assert needle in text
+    # a single problem keeps its plain one-line message
+    with pytest.raises(ConfigError) as one:
+        load_config(write(tmp_path, "[outbox]\nttl = 5\n"))
+    assert one.value.problems == [str(one.value)] and "\n" not in str(one.value)
+
+
+def test_cli_config_check_lists_value_and_consistency_problems_together(
+    tmp_path: Path,
+) -> None:
+    cfg = write(tmp_path, "[agent]\nfleet = 'a/b'\ndevice = 'd+'\n[model]\nbackend = 'foo'\n"
+                          "[mqtt]\nca_file = '/etc/ca.pem'\n")
+    res = CliRunner().invoke(main, ["config", "check", "--config", str(cfg)], env={})
+    assert res.exit_code == 78
+    assert "4 configuration problems" in res.output, res.output
+    for needle in ("unknown backend 'foo'", "agent.fleet", "agent.device",
+                   "mqtt.ca_file needs an mqtts:// broker URL"):
+        assert needle in res.output, (needle, res.output)
