@@ -166,6 +166,9 @@ def render_bench_table(record: dict[str, Any]) -> str:
     cfg = record["config"]
     prompt = (f"{cfg['prompt_tokens']} synthetic tok" if cfg.get("prompt_tokens")
               else f"{record['n_prompt']} tok")
+    cold = record.get("cold")
+    cold_text = (f"cold TTFT {_fmt(cold.get('ttft_ms'))} ms" if cold
+                 else "cold TTFT not measured (no warm-up run: the first measured run was cold)")
     lines = [
         f"model    {m['name']}  ({m['format']}, {m.get('quantization') or '?'}, "
         f"{m['size_bytes'] / 1e6:.1f} MB, sha256 {(m['sha256'] or '?')[:12]}…)",
@@ -174,8 +177,7 @@ def render_bench_table(record: dict[str, Any]) -> str:
         f"prompt {prompt}  max_tokens {cfg['max_tokens']}"
         f"{'  ignore_eos' if cfg['ignore_eos'] else ''}",
         f"runs     {cfg['runs']} measured ({record['valid_runs']} valid), {cfg['warmup']} "
-        f"warm-up; model load {_fmt(record.get('load_ms'), 0)} ms; "
-        f"cold TTFT {_fmt((record.get('cold') or {}).get('ttft_ms'))} ms",
+        f"warm-up; model load {_fmt(record.get('load_ms'), 0)} ms; " + cold_text,
         "",
     ]
     rows = [

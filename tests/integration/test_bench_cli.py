@@ -60,6 +60,8 @@ def test_bench_table_is_readable() -> None:
     for label in ("TTFT", "prefill", "decode", "ITL", "e2e latency", "completion tokens",
                   "peak RSS", "worker CPU"):
         assert label in result.output
+    # no warm-up: the table says why there is no cold TTFT instead of a bare dash
+    assert "cold TTFT not measured (no warm-up run" in result.output
 
 
 def test_bench_unknown_model_is_a_config_error() -> None:
