@@ -532,6 +532,8 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None, *,
             "format": config.model.format,
             "size_bytes": config.model.size_bytes,
             "quantization": info.get("quantization"),
+            # e.g. "onnx-optimum" for a file whose format is plain "onnx"
+            "prepared_as": info.get("prepared_as"),
         },
         "config": {
             "max_tokens": config.max_tokens,

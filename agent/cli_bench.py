@@ -170,7 +170,9 @@ def render_bench_table(record: dict[str, Any]) -> str:
     cold_text = (f"cold TTFT {_fmt(cold.get('ttft_ms'))} ms" if cold
                  else "cold TTFT not measured (no warm-up run: the first measured run was cold)")
     lines = [
-        f"model    {m['name']}  ({m['format']}, {m.get('quantization') or '?'}, "
+        f"model    {m['name']}  ({m['format']}"
+        f"{' from ' + m['prepared_as'] if m.get('prepared_as') not in (None, m['format']) else ''}"
+        f", {m.get('quantization') or '?'}, "
         f"{m['size_bytes'] / 1e6:.1f} MB, sha256 {(m['sha256'] or '?')[:12]}…)",
         f"backend  {record['backend']} {record['provenance'].get('engine_version') or ''}  "
         f"threads {cfg['n_threads']} ({record['provenance']['threads_how']})  "

@@ -235,6 +235,7 @@ class LlamaCppBackend(Backend):
             ),
             "threads": self._options.threads if self._options else None,
             "load_ms": self._load_ms,
+            "prepared_as": None,  # GGUF files are served as they are, never converted
         }
 
     def close(self) -> None:

@@ -427,6 +427,7 @@ class OnnxRuntimeBackend(Backend):
             "load_ms": self._load_ms,
             "tokenizer": "tokenizers (tokenizer.json)",
             "source_sha256": self._manifest.get("source_sha256"),
+            "prepared_as": self._manifest.get("format"),
         }
 
     def close(self) -> None:

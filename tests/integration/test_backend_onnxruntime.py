@@ -71,6 +71,7 @@ def test_info(backend: OnnxRuntimeBackend) -> None:
     assert info["context_tokens"] == N_CTX
     assert info["model_context_tokens"] == 8192
     assert info["engine"] in ("onnxruntime", "onnxruntime-genai")
+    assert info["prepared_as"] == "onnx"  # both loops serve the `models prepare onnx` build
 
 
 def test_genai_and_plain_loops_agree(onnx_dir: Path) -> None:

@@ -60,6 +60,7 @@ def test_it_is_the_plain_loop_on_a_past_kv_graph(backend: OnnxRuntimeBackend) ->
     assert backend._kind == "plain"
     assert len(backend._past_names) == 2 * 30  # key + value for each of SmolLM2's 30 layers
     info = c.check_info(backend, "onnx")
+    assert info["prepared_as"] == "onnx-optimum"
     assert info["engine"] == "onnxruntime"
     assert info["context_tokens"] == N_CTX and info["model_context_tokens"] == 8192
     assert "fp32" in str(info["quantization"])

@@ -65,6 +65,7 @@ def test_stop_strings(backend: TfliteBackend) -> None:
 
 def test_info(backend: TfliteBackend) -> None:
     info = c.check_info(backend, "tflite")
+    assert info["prepared_as"] == "tflite"
     assert info["context_tokens"] == N_CTX and info["model_context_tokens"] == 1024
     assert info["prefill_lengths"] == [64, 256]
     assert "int8" in str(info["quantization"])

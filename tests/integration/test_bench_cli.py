@@ -28,6 +28,7 @@ def test_bench_json_shape_and_ignore_eos(model_path: Path) -> None:
     assert record["model"]["sha256"] == (
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
     assert record["model"]["format"] == "gguf"
+    assert record["model"]["prepared_as"] is None  # served as shipped, no conversion
     assert record["model"]["path"] == str(model_path)
     assert len(record["runs"]) == 2
     for run in record["runs"]:

@@ -102,6 +102,7 @@ def test_bench_finds_the_optimum_export_when_asked() -> None:
     found = find_prepared("smollm2-135m", "onnx-optimum")
     assert found is not None
     assert record["model"]["format"] == "onnx"
+    assert record["model"]["prepared_as"] == "onnx-optimum"  # the record names the build
     assert record["model"]["sha256"] == found.manifest["sha256"]
     run = record["runs"][0]
     assert run["completion_tokens"] == 24 and run["prompt_tokens"] == 43
