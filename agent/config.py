@@ -71,6 +71,8 @@ class ModelSection:
     name: str = "smollm2-135m"
     threads: str = "auto"
     context_tokens: int = 2048
+    stream_batch_ms: int = 50
+    worker_nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,8 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "agent.log_level": _one_of("debug", "info", "warning", "error"),
     "model.threads": _threads,
     "model.context_tokens": _between(16, 1 << 20),
+    "model.stream_batch_ms": _between(0, 1000),
+    "model.worker_nice": _between(0, 19),
     "admission.queue_size": _non_negative,
     "admission.concurrency": _between(1, 64),
     "admission.max_payload_bytes": _between(256, 256 * 1024 * 1024),

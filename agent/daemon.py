@@ -110,6 +110,9 @@ class DaemonConfig:
         fleet / device: Topic segments (validated by :func:`agent.protocol.validate_segment`).
         state_dir: Where the sequence counter and the outbox live.
         backend / model / threads / threads_how / context_tokens: The model to serve.
+        stream_batch_ms: Shortest gap between two streamed chunks of one request (the first
+            text and the final result are never held); 0: one chunk per token.
+        worker_nice: Added to the worker process's nice value (0: the agent's priority).
         telemetry_interval_s: Telemetry publish period.
         probe_root: Filesystem root for probes.
         probe_names: Probes to enable (None: every registered one that is available).
@@ -134,6 +137,8 @@ class DaemonConfig:
     threads: int
     threads_how: str = "configured"
     context_tokens: int = 2048
+    stream_batch_ms: int = 50
+    worker_nice: int = 0
     telemetry_interval_s: float = 1.0
     probe_root: str = "/"
     probe_names: tuple[str, ...] | None = None
@@ -155,6 +160,7 @@ _FIELD_KEYS = {
     "fleet": "agent.fleet", "device": "agent.device", "state_dir": "agent.state_dir",
     "backend": "model.backend", "model": "model.name", "threads": "model.threads",
     "threads_how": "model.threads", "context_tokens": "model.context_tokens",
+    "stream_batch_ms": "model.stream_batch_ms", "worker_nice": "model.worker_nice",
     "telemetry_interval_s": "telemetry.interval_s", "probe_root": "telemetry.probe_root",
     "probe_names": "telemetry.probes", "telemetry_via_outbox": "outbox.telemetry",
     "fast_interval_s": "telemetry.fast_interval_s",
@@ -1203,8 +1209,10 @@ def _worker_config(config: DaemonConfig, base: WorkerConfig | None = None) -> Wo
                      config.model.sha256)
     options = BackendOptions(threads=config.threads, context_tokens=config.context_tokens)
     if base is None:
-        return WorkerConfig(backend=config.backend, model=spec, options=options)
-    return dataclasses.replace(base, backend=config.backend, model=spec, options=options)
+        base = WorkerConfig(backend=config.backend, model=spec, options=options)
+    return dataclasses.replace(base, backend=config.backend, model=spec, options=options,
+                               stream_batch_s=config.stream_batch_ms / 1000.0,
+                               nice_increment=config.worker_nice)
 
 
 def energy_fields(res: EnergyResult) -> dict[str, Any]:

@@ -24,11 +24,12 @@ FLEET = "testfleet"
 
 
 class Agent:
-    def __init__(self, broker_url: str, device: str, state_dir: Path, log: Path) -> None:
+    def __init__(self, broker_url: str, device: str, state_dir: Path, log: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.device = device
         self.prefix = f"edgelm/v1/{FLEET}/{device}"
         self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             agent_cmd("-v", "run", "--broker", broker_url, "--fleet", FLEET, "--device", device,
                       "--state-dir", str(state_dir), "--threads", "2", "--ctx", "512"),
@@ -290,3 +291,42 @@ def test_stream_chunks_add_up_to_the_result_with_held_back_text(
     assert "".join(c["delta"] for c in chunks) == final["text"]
     assert sum(c["tokens"] for c in chunks) == final["usage"]["completion_tokens"]
     assert [c["index"] for c in chunks] == list(range(len(chunks)))
+
+
+def test_per_token_streaming_and_a_lower_worker_priority_from_config(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """``model.stream_batch_ms = 0`` sends one chunk per token (for UIs that pace text by
+    token); ``model.worker_nice`` lowers the engine process's priority, not the agent's."""
+    a = Agent(broker.url, f"dev-{uuid.uuid4().hex[:6]}", tmp_path / "state",
+              tmp_path / "agent.log",
+              env={"EDGELM_MODEL_STREAM_BATCH_MS": "0", "EDGELM_MODEL_WORKER_NICE": "7"})
+    try:
+        watcher = TestClient(broker.port)
+        watcher.subscribe(f"{a.prefix}/status")
+        status = wait_online(watcher, a)
+        client = TestClient(broker.port)
+        reply, _ = v5_request(client, a, {
+            "id": "paced-1", "messages": [{"role": "user", "content": "Count to fifty."}],
+            "max_tokens": 32, "ignore_eos": True, "temperature": 0})
+        chunks, final, _ = collect_reply(client, reply)
+        assert final["status"] == "ok", final
+        tokens = final["usage"]["completion_tokens"]
+        assert tokens == 32
+        assert "".join(c["delta"] for c in chunks) == final["text"]
+        # every token with text went out on its own (a token whose bytes end mid-character
+        # waits for the next one, so a chunk may carry two)
+        assert max(c["tokens"] for c in chunks) <= 2, [c["tokens"] for c in chunks]
+        assert len(chunks) >= tokens - 2, len(chunks)
+        # the nice value is field 19 of /proc/PID/stat (proc(5))
+        def nice(pid: int) -> int:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+        workers = [w["pid"] for w in status["workers"]]
+        assert workers and a.proc.pid not in workers
+        assert [nice(pid) for pid in workers] == [nice(a.proc.pid) + 7] * len(workers)
+        assert a.stop() == 0
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()

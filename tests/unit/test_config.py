@@ -62,6 +62,8 @@ def test_file_env_flag_precedence(tmp_path: Path) -> None:
         ("[agent\n", "not valid TOML"),
         ("[mqtt]\nreconnect_min_s = 10.0\nreconnect_max_s = 1.0\n", "reconnect_max_s"),
         ("[agent]\nlog_level = 'loud'\n", "agent.log_level must be one of debug"),
+        ("[model]\nworker_nice = 20\n", "model.worker_nice must be in"),
+        ("[model]\nstream_batch_ms = -1\n", "model.stream_batch_ms must be in"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
