@@ -105,7 +105,7 @@ def test_an_id_reused_for_another_request_is_refused_also_after_kill9(
     assert other["error"]["code"] == "bad_request"
     assert other["error"]["details"]["reason"] == "id_reused"
     assert len(raw) == 1
-    time.sleep(0.3)  # the id's disk write follows the result's outbox commit
+    d.wait_remembered("same")  # the id's disk write follows the result's outbox commit
     d.kill()
     d.restart()
     wait_online(client, d)

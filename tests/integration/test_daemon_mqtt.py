@@ -300,7 +300,7 @@ def test_per_token_streaming_and_a_lower_worker_priority_from_config(
     token); ``model.worker_nice`` lowers the engine process's priority, not the agent's."""
     a = Agent(broker.url, f"dev-{uuid.uuid4().hex[:6]}", tmp_path / "state",
               tmp_path / "agent.log",
-              env={"EDGELM_MODEL_STREAM_BATCH_MS": "0", "EDGELM_MODEL_WORKER_NICE": "7"})
+              env={"EDGELM_MODEL_STREAM_BATCH_MS": "0", "EDGELM_MODEL_WORKER_NICE": "1"})
     try:
         watcher = TestClient(broker.port)
         watcher.subscribe(f"{a.prefix}/status")
@@ -309,7 +309,8 @@ def test_per_token_streaming_and_a_lower_worker_priority_from_config(
         reply, _ = v5_request(client, a, {
             "id": "paced-1", "messages": [{"role": "user", "content": "Count to fifty."}],
             "max_tokens": 32, "ignore_eos": True, "temperature": 0})
-        chunks, final, _ = collect_reply(client, reply)
+        # generous: a niced engine loses its cores to any busy process on a shared host
+        chunks, final, _ = collect_reply(client, reply, timeout_s=180)
         assert final["status"] == "ok", final
         tokens = final["usage"]["completion_tokens"]
         assert tokens == 32
@@ -324,7 +325,7 @@ def test_per_token_streaming_and_a_lower_worker_priority_from_config(
 
         workers = [w["pid"] for w in status["workers"]]
         assert workers and a.proc.pid not in workers
-        assert [nice(pid) for pid in workers] == [nice(a.proc.pid) + 7] * len(workers)
+        assert [nice(pid) for pid in workers] == [nice(a.proc.pid) + 1] * len(workers)
         assert a.stop() == 0
     finally:
         if a.proc.poll() is None:

@@ -10,6 +10,7 @@ import os
 import queue
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -79,6 +80,28 @@ class Daemon:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
+
+    def wait_remembered(self, request_id: str, timeout_s: float = 30) -> None:
+        """Wait until ``request_id`` is in the daemon's idempotency store on disk.
+
+        The id is written just after the result's outbox commit, so a reply can reach a
+        client a moment before it; a kill -9 in that gap legitimately forgets the id.
+        """
+        db = self.state_dir / "idempotency.sqlite3"
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if db.exists():
+                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+                try:
+                    if conn.execute("SELECT 1 FROM results WHERE id = ?",
+                                    (request_id,)).fetchone():
+                        return
+                except sqlite3.OperationalError:
+                    pass  # the table is being created
+                finally:
+                    conn.close()
+            time.sleep(0.05)
+        raise AssertionError(f"{request_id!r} never stored: {self.tail()}")
 
     def wait_log(self, needle: str, timeout_s: float = 60) -> str:
         end = time.monotonic() + timeout_s
@@ -288,9 +311,7 @@ def test_a_completed_request_id_is_answered_from_disk_after_kill9(
     body = {"id": "idem-1", "prompt": "Count: one, two,", "max_tokens": 6, "ignore_eos": True}
     first, _ = request(client, d, body)
     assert first["status"] == "ok"
-    # The id is written just after the result is committed to the outbox; the result has
-    # reached us through the broker, so the write is done or microseconds away.
-    time.sleep(0.3)
+    d.wait_remembered("idem-1")  # written just after the result's outbox commit
     d.kill()
     d.restart()
     wait_online(client, d)
