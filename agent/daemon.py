@@ -910,21 +910,24 @@ class AgentDaemon:
         index = 0
         untold_tokens = 0  # tokens whose text has not gone out in a chunk yet
 
-        def on_event(event: TokenEvent) -> None:
+        def on_batch(events: list[TokenEvent]) -> None:
+            # One chunk per worker message: the events of up to model.stream_batch_ms (the
+            # first text alone, at once). The final event carries text too: what the stream
+            # held back as a possible stop-string prefix or an incomplete UTF-8 character.
+            # The chunks' deltas add up to the result's text, and their tokens to the tokens
+            # that made it.
             nonlocal index, untold_tokens
             if self._cancel_inflight.is_set():
                 raise BackendError("backend_failed", "the agent is shutting down",
                                    {"retryable": True})
-            untold_tokens += len(event.token_ids)
-            # The final event carries text too: what the stream held back as a possible
-            # stop-string prefix or an incomplete UTF-8 character. The chunks' deltas add up
-            # to the result's text, and their tokens to the tokens that made it.
-            if req.stream and event.text:
+            untold_tokens += sum(len(e.token_ids) for e in events)
+            text = "".join(e.text for e in events)
+            if req.stream and text:
                 tokens, untold_tokens = untold_tokens, 0
                 if self._link.is_connected():
                     try:
                         self._link.publish(job.reply.topic, self._encode(self._envelope(
-                            CHUNK_SCHEMA, id=req.id, index=index, delta=event.text,
+                            CHUNK_SCHEMA, id=req.id, index=index, delta=text,
                             tokens=tokens,
                         )), qos=1, properties=props)
                     except PublishError:
@@ -942,7 +945,7 @@ class AgentDaemon:
                                        max_cost_s=START_SAMPLE_MAX_COST_S)
         try:
             result = run_generation(worker, gen, accepted_ns=job.accepted_ns,
-                                    deadline_mono=job.deadline_mono, on_event=on_event)
+                                    deadline_mono=job.deadline_mono, on_batch=on_batch)
         except BackendError as exc:
             return self._fail(job, exc.code, exc.message, exc.details)
         energy = self._request_energy(result, closed=self._sampler.sample_power_now() is not None)

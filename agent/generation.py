@@ -54,8 +54,13 @@ def run_generation(
     accepted_ns: int | None = None,
     deadline_mono: float | None = None,
     on_event: Callable[[TokenEvent], None] | None = None,
+    on_batch: Callable[[list[TokenEvent]], None] | None = None,
 ) -> GenerationResult:
     """Generate, calling ``on_event`` for each token event, and measure.
+
+    ``on_batch``, when given, is called after the events of each worker message (see
+    :meth:`agent.worker.InferenceWorker.generate_batches`), so a streamer can forward what
+    arrived together as one message.
 
     Raises:
         backends.base.BackendError: From the worker (crash, deadline, context overflow).
@@ -68,22 +73,26 @@ def run_generation(
     first_content: int | None = None
     prompt_tokens: int | None = None
     final: TokenEvent | None = None
-    with contextlib.closing(worker.generate(request, deadline_mono=deadline_mono)) as stream:
-        for event in stream:
-            if event.prefill_start_ns is not None:
-                prefill_start = event.prefill_start_ns
-            if event.prompt_tokens is not None:
-                prompt_tokens = event.prompt_tokens
-            if event.token_ids:
-                times.append(event.t_ns)
-            if event.text:
-                parts.append(event.text)
-                if first_content is None and event.token_ids:
-                    first_content = event.t_ns
-            if event.final:
-                final = event
-            if on_event is not None:
-                on_event(event)
+    with contextlib.closing(
+            worker.generate_batches(request, deadline_mono=deadline_mono)) as stream:
+        for batch in stream:
+            for event in batch:
+                if event.prefill_start_ns is not None:
+                    prefill_start = event.prefill_start_ns
+                if event.prompt_tokens is not None:
+                    prompt_tokens = event.prompt_tokens
+                if event.token_ids:
+                    times.append(event.t_ns)
+                if event.text:
+                    parts.append(event.text)
+                    if first_content is None and event.token_ids:
+                        first_content = event.t_ns
+                if event.final:
+                    final = event
+                if on_event is not None:
+                    on_event(event)
+            if on_batch is not None:
+                on_batch(batch)
     end = time.monotonic_ns()
     completion = final.completion_tokens if final and final.completion_tokens is not None else 0
     timings = compute_timings(

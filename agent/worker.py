@@ -28,6 +28,7 @@ few tokens per message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -318,7 +319,22 @@ class InferenceWorker:
     def generate(
         self, request: GenerationRequest, deadline_mono: float | None = None
     ) -> Generator[TokenEvent, None, None]:
-        """Run one generation in the worker and stream its events.
+        """Run one generation in the worker and stream its events one by one.
+
+        See :meth:`generate_batches` (same arguments and errors).
+        """
+        with contextlib.closing(self.generate_batches(request, deadline_mono)) as batches:
+            for batch in batches:
+                yield from batch
+
+    def generate_batches(
+        self, request: GenerationRequest, deadline_mono: float | None = None
+    ) -> Generator[list[TokenEvent], None, None]:
+        """Run one generation in the worker and stream its events as the worker sent them.
+
+        One batch is one pipe message: the events of at most ``stream_batch_s`` (the first
+        event, the events before any text and the final one travel alone or close a batch),
+        so a consumer can forward a batch as one message downstream.
 
         Args:
             request: The generation.
@@ -373,7 +389,7 @@ class InferenceWorker:
                         finished = True
                         self._on_crash()
                     if msg[0] == "events" and msg[1] == rid:
-                        yield from msg[2]
+                        yield list(msg[2])
                     elif msg[0] == "done" and msg[1] == rid:
                         finished = True
                         self._backoff_s = self.config.backoff_initial_s
