@@ -229,7 +229,7 @@ def run_main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--config", "config_path", type=click.Path(), default=None,
               help="TOML config (default: $EDGELM_CONFIG or /etc/edgelm/agent.toml if present).")
 @click.option("--broker", default=None,
               help="mqtt://[user:pass@]host[:port] or mqtts://… (TLS) [mqtt://127.0.0.1:1883].")

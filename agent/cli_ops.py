@@ -81,7 +81,8 @@ def check_backend(cfg: AgentConfig) -> None:
                       f"{', '.join(sorted(known)) or 'none'})")
 
 
-def check_identity(cfg: AgentConfig, required: bool = True) -> None:
+def check_identity(cfg: AgentConfig, required: bool = True,
+                   skip: frozenset[str] = frozenset()) -> None:
     """``agent.fleet`` and ``agent.device`` are set (when ``required``) and valid segments.
 
     The error names where the bad value came from (file, variable or flag).
@@ -94,6 +95,8 @@ def check_identity(cfg: AgentConfig, required: bool = True) -> None:
     problems: list[str] = []
     for key, value, hint in (("agent.fleet", cfg.agent.fleet, "--fleet or EDGELM_FLEET"),
                              ("agent.device", cfg.agent.device, "--device or EDGELM_DEVICE")):
+        if key in skip:  # its value was refused already
+            continue
         if not value:
             if required:
                 problems.append(f"{cfg.where(key)}: {key} is required ({hint})")
@@ -107,9 +110,114 @@ def check_identity(cfg: AgentConfig, required: bool = True) -> None:
 
 
 def _tls_without_mqtts(cfg: AgentConfig) -> str:
-    key = "mqtt.ca_file" if "mqtt.ca_file" in cfg.origins else "mqtt.cert_file"
+    m = cfg.mqtt
+    key = next(k for k, v in (("mqtt.ca_file", m.ca_file), ("mqtt.cert_file", m.cert_file),
+                              ("mqtt.key_file", m.key_file)) if v)
+    broker_from = ("the default" if "mqtt.broker" not in cfg.origins
+                   else f"from {cfg.where('mqtt.broker')}")
     return (f"{cfg.where(key)}: {key} needs an mqtts:// broker URL (mqtt.broker is "
-            f"{cfg.mqtt.broker!r}, from {cfg.where('mqtt.broker')})")
+            f"{m.broker!r}, {broker_from})")
+
+
+def broker_problems(cfg: AgentConfig) -> list[str]:
+    """Everything wrong with the ``[mqtt]`` settings as a whole, each naming its origin."""
+    from agent.mqtt import parse_broker_url
+
+    m = cfg.mqtt
+    problems: list[str] = []
+    tls: bool | None = None
+    try:
+        tls = parse_broker_url(m.broker).tls
+    except ConfigError as exc:
+        problems.append(f"{cfg.where('mqtt.broker')}: mqtt.broker: {exc}")
+    if m.password_file:
+        try:
+            Path(m.password_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{cfg.where('mqtt.password_file')}: mqtt.password_file: {exc}")
+    if tls is False and (m.ca_file or m.cert_file or m.key_file):
+        problems.append(_tls_without_mqtts(cfg))
+    if m.key_file and not m.cert_file:
+        problems.append(f"{cfg.where('mqtt.key_file')}: mqtt.key_file needs mqtt.cert_file")
+    return problems
+
+
+def service_problems(cfg: AgentConfig, *, identity_required: bool,
+                     skip: frozenset[str] = frozenset(), verify_model: bool = True
+                     ) -> list[str]:
+    """What ``agentctl run`` would refuse in an otherwise well-formed configuration.
+
+    Every check runs, so one pass lists every problem; a check is skipped when a key it
+    reads was already refused (``skip``: its value is a default standing in).
+
+    Args:
+        cfg: The merged configuration.
+        identity_required: fleet and device must be set (``run``); ``config check`` only
+            checks their values, since ``run``'s flags may supply them.
+        skip: ``section.key`` names whose values were refused.
+        verify_model: Hash a known model against its published sha256 (``run``); ``config
+            check`` only checks that it resolves.
+    """
+    from agent.models import resolve_model
+    from backends.base import resolve_threads
+
+    problems: list[str] = []
+
+    def keep(exc: ConfigError) -> None:
+        problems.extend(exc.problems)
+
+    try:
+        check_identity(cfg, required=identity_required, skip=skip)
+    except ConfigError as exc:
+        keep(exc)
+    if "model.threads" not in skip:
+        try:
+            resolve_threads(cfg.model.threads)
+        except ValueError as exc:
+            problems.append(f"{cfg.where('model.threads')}: model.threads: {exc}")
+    if "model.backend" not in skip:
+        try:
+            check_backend(cfg)
+        except ConfigError as exc:
+            keep(exc)
+    if "model.name" not in skip:
+        try:
+            resolve_model(cfg.model.name, verify=verify_model)
+        except ModelError as exc:
+            problems.append(f"{cfg.where('model.name')}: model.name: {exc}")
+    if not any(k.startswith("mqtt.") for k in skip):
+        problems += broker_problems(cfg)
+    if cfg.prometheus.enabled and not {"prometheus.listen", "prometheus.enabled"} & skip:
+        from agent.prometheus import parse_listen
+
+        try:
+            parse_listen(cfg.prometheus.listen)
+        except ConfigError as exc:
+            problems.append(f"{cfg.where('prometheus.listen')}: {exc}")
+    return problems
+
+
+def checked_config(explicit: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
+                   *, identity_required: bool, verify_model: bool = True) -> AgentConfig:
+    """Load the configuration and run every check on it, raising all problems at once.
+
+    Raises:
+        ConfigError: Listing every problem: refused values first, then what ``run`` would
+            refuse among the keys that were fine.
+    """
+    try:
+        cfg = load_from(explicit, flags, env)
+    except ConfigError as exc:
+        if not isinstance(exc.partial, AgentConfig):
+            raise
+        raise ConfigError.of(exc.problems + service_problems(
+            exc.partial, identity_required=identity_required, skip=exc.bad_keys,
+            verify_model=False)) from None
+    problems = service_problems(cfg, identity_required=identity_required,
+                                verify_model=verify_model)
+    if problems:
+        raise ConfigError.of(problems)
+    return cfg
 
 
 def broker_config_of(cfg: AgentConfig) -> Any:
@@ -121,18 +229,17 @@ def broker_config_of(cfg: AgentConfig) -> Any:
     from agent.mqtt import parse_broker_url
 
     m = cfg.mqtt
+    problems = broker_problems(cfg)
+    if problems:
+        raise ConfigError.of(problems)
     base = parse_broker_url(m.broker)
     password = m.password
     if m.password_file:
         try:
             password = Path(m.password_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:  # changed since broker_problems read it
             raise ConfigError(f"{cfg.where('mqtt.password_file')}: mqtt.password_file: "
                               f"{exc}") from None
-    if (m.ca_file or m.cert_file) and not base.tls:
-        raise ConfigError(_tls_without_mqtts(cfg))
-    if m.key_file and not m.cert_file:
-        raise ConfigError(f"{cfg.where('mqtt.key_file')}: mqtt.key_file needs mqtt.cert_file")
     return dataclasses.replace(
         base, protocol=m.protocol, keepalive_s=m.keepalive_s,
         username=m.username if m.username is not None else base.username,
@@ -155,17 +262,14 @@ def daemon_config_from(explicit: str | None, flags: Mapping[str, Any],
     from agent.outbox import OutboxConfig
     from backends.base import resolve_threads
 
-    cfg = load_from(explicit, flags, env)
-    check_identity(cfg)
+    cfg = checked_config(explicit, flags, env, identity_required=True)
     assert cfg.agent.fleet and cfg.agent.device  # checked just above
     try:
         n_threads, how = resolve_threads(cfg.model.threads)
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.where('model.threads')}: {exc}") from None
-    check_backend(cfg)
-    try:
         resolved = resolve_model(cfg.model.name)
-    except ModelError as exc:
+    except ValueError as exc:  # checked just above; a CPU set can change meanwhile
+        raise ConfigError(f"{cfg.where('model.threads')}: model.threads: {exc}") from None
+    except ModelError as exc:  # checked just above; the file can change meanwhile
         raise ConfigError(f"{cfg.where('model.name')}: model.name: {exc}") from None
     a, o = cfg.admission, cfg.outbox
     return DaemonConfig(
@@ -212,7 +316,7 @@ def config_group() -> None:
 
 
 @config_group.command("check")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--config", "config_path", type=click.Path(), default=None,
               help="TOML config (default: $EDGELM_CONFIG or /etc/edgelm/agent.toml).")
 @click.option("--json", "as_json", is_flag=True, help="Print the merged config as JSON.")
 def config_check(config_path: str | None, as_json: bool) -> None:
@@ -222,38 +326,12 @@ def config_check(config_path: str | None, as_json: bool) -> None:
     """
     env = dict(os.environ)
     try:
-        cfg = load_from(config_path, {}, env)
+        # fleet and device may come from `run`'s flags, so only their values are checked;
+        # a known model is found, not hashed (run verifies it)
+        cfg = checked_config(config_path, {}, env, identity_required=False,
+                             verify_model=False)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    problems: list[str] = []
-
-    def tls_needs_mqtts() -> None:
-        if cfg.mqtt.ca_file or cfg.mqtt.cert_file or cfg.mqtt.key_file:
-            from agent.mqtt import parse_broker_url
-
-            if not parse_broker_url(cfg.mqtt.broker).tls:
-                raise ConfigError(_tls_without_mqtts(cfg))
-
-    def prometheus_listen() -> None:
-        if cfg.prometheus.enabled:
-            from agent.prometheus import parse_listen
-
-            parse_listen(cfg.prometheus.listen)
-
-    def identity_values() -> None:
-        # fleet and device may come from `run`'s flags, so only their values are checked
-        check_identity(cfg, required=False)
-
-    def backend() -> None:
-        check_backend(cfg)
-
-    for check in (backend, identity_values, tls_needs_mqtts, prometheus_listen):
-        try:
-            check()
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        _fail(str(ConfigError.of(problems)), EXIT_CONFIG)
     if as_json:
         click.echo(json.dumps(cfg.redacted(), indent=2))
         return

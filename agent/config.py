@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.admission import AdmissionConfig as AdmissionSection  # one definition: [admission]
-from agent.errors import ConfigError
+from agent.errors import ConfigError, short_repr
 
 DEFAULT_PATH = Path("/etc/edgelm/agent.toml")
 ENV_PREFIX = "EDGELM_"
@@ -182,7 +182,8 @@ def _between(lo: float, hi: float) -> Callable[[float], str | None]:
 
 
 def _threads(v: str) -> str | None:
-    if v == "auto" or (v.isdigit() and int(v) >= 1):
+    # isascii: str.isdigit() is true for '²' and '٣', which int() then refuses or reads
+    if v == "auto" or (v.isascii() and v.isdigit() and int(v) >= 1):
         return None
     return "must be 'auto' or a positive integer"
 
@@ -229,7 +230,7 @@ def _field_types(cls: type[Any]) -> dict[str, str]:
 def _coerce(where: str, key: str, ftype: str, value: Any, from_text: bool) -> Any:
     """Check (and, for env strings, convert) one value against its declared type."""
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
+        return ConfigError(f"{where}: {key}: expected {expected}, got {_shown(value)}")
 
     optional = "None" in ftype
     if from_text and optional and value == "":
@@ -295,8 +296,13 @@ def _apply(
     if coerced is not None and check is not None:
         problem = check(coerced)
         if problem:
-            raise ConfigError(f"{where}: {full} {problem}, got {value!r}")
+            raise ConfigError(f"{where}: {full} {problem}, got {_shown(value)}")
     values.setdefault(section, {})[key] = coerced
+
+
+def _shown(value: Any) -> str:
+    """``value`` as the user wrote it (TOML spelling for booleans), cut for a message."""
+    return ("true" if value else "false") if isinstance(value, bool) else short_repr(value)
 
 
 def _collect(problems: list[str] | None, exc: ConfigError) -> None:
@@ -306,12 +312,12 @@ def _collect(problems: list[str] | None, exc: ConfigError) -> None:
     problems.extend(exc.problems)
 
 
-def parse_toml(text: str, where: str, problems: list[str] | None = None
-               ) -> dict[str, dict[str, Any]]:
+def parse_toml(text: str, where: str, problems: list[str] | None = None,
+               bad_keys: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """Validate TOML text into ``{section: {key: value}}`` (no defaults filled in).
 
     ``problems``, when given, receives every bad key (and the bad keys are left out) instead
-    of the first one being raised.
+    of the first one being raised; ``bad_keys`` receives their ``section.key`` names.
 
     Raises:
         ConfigError: Naming ``where`` and the offending key (TOML syntax errors always raise:
@@ -327,6 +333,10 @@ def parse_toml(text: str, where: str, problems: list[str] | None = None
             _collect(problems, ConfigError(
                 f"{where}: top-level key {section!r} must be a [section]"))
             continue
+        if section not in _SECTIONS:  # once per section, not once per key in it
+            _collect(problems, ConfigError(f"{where}: unknown section [{section}] "
+                                           f"(known: {', '.join(_SECTIONS)})"))
+            continue
         for key, value in body.items():
             try:
                 if isinstance(value, dict):
@@ -334,11 +344,14 @@ def parse_toml(text: str, where: str, problems: list[str] | None = None
                 _apply(values, where, section, key, value, from_text=False)
             except ConfigError as exc:
                 _collect(problems, exc)
+                if bad_keys is not None:
+                    bad_keys.add(f"{section}.{key}")
     return values
 
 
 def env_values(env: Mapping[str, str], origins: dict[str, str] | None = None,
-               problems: list[str] | None = None) -> dict[str, dict[str, Any]]:
+               problems: list[str] | None = None, bad_keys: set[str] | None = None
+               ) -> dict[str, dict[str, Any]]:
     """``EDGELM_<SECTION>_<KEY>`` overrides; variables of unknown sections are ignored.
 
     ``origins``, when given, receives ``"section.key" -> "environment NAME"``; ``problems``,
@@ -363,6 +376,8 @@ def env_values(env: Mapping[str, str], origins: dict[str, str] | None = None,
             _apply(values, where, section, key, env[name], from_text=True)
         except ConfigError as exc:
             _collect(problems, exc)
+            if bad_keys is not None:
+                bad_keys.add(f"{section}.{key}")
             continue
         if origins is not None:
             origins[f"{section}.{key}"] = where
@@ -389,22 +404,34 @@ def load_config(
             one pass (``problems`` lists them), so one run shows all the mistakes.
     """
     problems: list[str] = []
+    bad_keys: set[str] = set()
+    file_read = True  # False: the file's values are unknown, so no partial configuration
     layers: list[tuple[dict[str, dict[str, Any]], Mapping[str, str] | str]] = []
     source = None
     if path is not None:
+        text: str | None = None
         try:
-            text = path.read_text(encoding="utf-8")
+            # utf-8-sig: a byte-order mark (Windows editors) is not a TOML error
+            text = path.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             if required:
-                raise ConfigError(f"{path}: config file not found") from None
-            text = None
+                problems.append(f"{path}: config file not found")
+                file_read = False
+        except IsADirectoryError:
+            problems.append(f"{path}: is a directory, not a config file")
+            file_read = False
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read: {exc}") from None
+            problems.append(f"{path}: cannot read: {exc}")
+            file_read = False
         if text is not None:
-            layers.append((parse_toml(text, str(path), problems), str(path)))
-            source = str(path)
+            try:
+                layers.append((parse_toml(text, str(path), problems, bad_keys), str(path)))
+                source = str(path)
+            except ConfigError as exc:  # not TOML at all: the environment is still checked
+                problems.extend(exc.problems)
+                file_read = False
     env_origins: dict[str, str] = {}
-    layers.append((env_values(env or {}, env_origins, problems), env_origins))
+    layers.append((env_values(env or {}, env_origins, problems, bad_keys), env_origins))
     flag_values: dict[str, dict[str, Any]] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -414,8 +441,7 @@ def load_config(
             _apply(flag_values, f"flag for {dotted}", section, key, value, from_text=False)
         except ConfigError as exc:
             problems.append(str(exc))
-    if problems:  # cross-key checks below would judge defaults standing in for bad values
-        raise ConfigError.of(problems)
+            bad_keys.add(dotted)
     layers.append((flag_values, {f"{sec}.{k}": f"flag for {sec}.{k}"
                                  for sec, kv in flag_values.items() for k in kv}))
     merged: dict[str, dict[str, Any]] = {}
@@ -428,12 +454,18 @@ def load_config(
                 origins[dotted] = origin if isinstance(origin, str) else origin[dotted]
     sections = {name: cls(**merged.get(name, {})) for name, cls in _SECTIONS.items()}
     cfg = AgentConfig(**sections, source=source, origins=origins)
-    if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
+    # Cross-key checks, each only when its keys' values were accepted (a default standing in
+    # for a refused value would be judged instead).
+    m = cfg.mqtt
+    if ({"mqtt.reconnect_min_s", "mqtt.reconnect_max_s"}.isdisjoint(bad_keys)
+            and m.reconnect_max_s < m.reconnect_min_s):
         problems.append(f"{cfg.where('mqtt.reconnect_max_s', 'mqtt.reconnect_min_s')}: "
-                        "mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
-    if cfg.mqtt.password is not None and cfg.mqtt.password_file is not None:
+                        f"mqtt.reconnect_max_s ({m.reconnect_max_s:g}) must be >= "
+                        f"mqtt.reconnect_min_s ({m.reconnect_min_s:g})")
+    if m.password is not None and m.password_file is not None:
         problems.append(f"{cfg.where('mqtt.password_file', 'mqtt.password')}: set "
                         "mqtt.password or mqtt.password_file, not both")
     if problems:
-        raise ConfigError.of(problems)
+        raise ConfigError.of(problems, partial=cfg if file_read else None,
+                             bad_keys=frozenset(bad_keys))
     return cfg

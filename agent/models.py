@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ModelError
+from agent.errors import ModelError, short_repr
 from backends.base import sha256_file
 
 
@@ -93,6 +93,13 @@ def resolve_model(name_or_path: str, verify: bool = True) -> ResolvedModel:
     Raises:
         ModelError: Unknown name, missing file, or a file that fails verification.
     """
+    try:
+        return _resolve(name_or_path, verify)
+    except OSError as exc:  # a name too long for a path, a permission, an I/O error
+        raise ModelError(f"model {short_repr(name_or_path)}: {exc.strerror or exc}") from None
+
+
+def _resolve(name_or_path: str, verify: bool) -> ResolvedModel:
     known = KNOWN_MODELS.get(name_or_path)
     if known is not None:
         path = _locate_in_distribution(known)
@@ -108,7 +115,8 @@ def resolve_model(name_or_path: str, verify: bool = True) -> ResolvedModel:
     path = Path(os.path.expanduser(name_or_path))
     if not path.exists():
         names = ", ".join(sorted(KNOWN_MODELS))
-        raise ModelError(f"unknown model {name_or_path!r}: not a known name ({names}) nor a path")
+        raise ModelError(f"unknown model {short_repr(name_or_path)}: not a known name ({names}) "
+                         "nor a path")
     path = path.resolve()
     if path.is_dir():
         dir_fmt = "onnx-genai" if (path / "genai_config.json").is_file() else "onnx"

@@ -145,8 +145,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
         ConfigError: Not ``host:port``.
     """
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"prometheus.listen {listen!r} must be host:port")
+    # isascii: str.isdigit() is true for '²', which int() refuses
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ConfigError(f"prometheus.listen {listen!r} must be host:port (port 0-65535)")
     return host.strip("[]"), int(port)
 
 

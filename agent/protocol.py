@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import RequestError
+from agent.errors import RequestError, short_repr
 
 TOPIC_ROOT = "edgelm/v1"
 REQUEST_SCHEMA = "edgelm.infer.request/1"
@@ -54,9 +54,10 @@ def validate_segment(kind: str, value: str) -> str:
     Raises:
         ValueError: Naming the bad value.
     """
-    if not _SEGMENT.match(value):
+    if not _SEGMENT.fullmatch(value):  # match() with `$` would accept a trailing newline
         raise ValueError(
-            f"{kind} {value!r} must be 1-64 characters of letters, digits, '_', '.', ':' or '-'"
+            f"{kind} {short_repr(value)} must be 1-64 characters of letters, digits, "
+            "'_', '.', ':' or '-'"
         )
     return value
 

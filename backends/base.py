@@ -15,6 +15,7 @@ this module; nothing here imports from ``agent``.
 from __future__ import annotations
 
 import abc
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -271,6 +272,8 @@ def resolve_threads(
     """
     if requested is not None and str(requested).strip().lower() != "auto":
         try:
+            if isinstance(requested, str) and not requested.strip().isascii():
+                raise ValueError  # int() reads '٣' (Arabic-Indic digits) as 3
             n = int(requested)
         except (TypeError, ValueError):
             raise ValueError(
@@ -325,3 +328,16 @@ def _cgroup_cpu_quota(root: Path) -> int | None:
     if quota <= 0 or period <= 0:
         return None
     return max(1, -(-quota // period))  # ceil: a 1.5-CPU quota still runs 2 threads usefully
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file's contents; ``{}`` when it is missing, unreadable or not an object.
+
+    For optional side files (``manifest.json``, ``genai_config.json`` …) whose absence
+    only means less is known about a model.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from backends.base import BackendError
+from backends.base import BackendError, read_json_object
 
 # Token strings that end a turn in common chat vocabularies (besides the configured EOS).
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
@@ -75,7 +75,7 @@ class HfChatTokenizer:
         self.byte_level = decoder.get("type") == "ByteLevel" or any(
             d.get("type") == "ByteLevel" for d in decoder.get("decoders", []) or []
         )
-        self._config = _read_json(folder / "tokenizer_config.json")
+        self._config = read_json_object(folder / "tokenizer_config.json")
         self._special_ids: set[int] = {
             int(i) for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         }
@@ -103,7 +103,7 @@ class HfChatTokenizer:
     def _find_eog_ids(self) -> set[int]:
         ids: set[int] = set()
         for name in ("generation_config.json", "config.json"):
-            eos = _read_json(self.folder / name).get("eos_token_id")
+            eos = read_json_object(self.folder / name).get("eos_token_id")
             if isinstance(eos, int):
                 ids.add(eos)
             elif isinstance(eos, list):
@@ -186,14 +186,6 @@ class HfChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids to text, special tokens skipped."""
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _token_content(value: Any) -> str | None:

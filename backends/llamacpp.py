@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 from backends.base import (
@@ -30,6 +31,7 @@ from backends.base import (
     GenerationRequest,
     ModelSpec,
     TokenEvent,
+    read_json_object,
     sha256_file,
 )
 from backends.streaming import check_context, token_events
@@ -55,6 +57,7 @@ class LlamaCppBackend(Backend):
         self._model: ModelSpec | None = None
         self._options: BackendOptions | None = None
         self._sha256: str | None = None
+        self._prepared_as: str | None = None
         self._eog_ids: frozenset[int] = frozenset()
         self._formatter: Any = None
         self._load_ms: float | None = None
@@ -100,6 +103,12 @@ class LlamaCppBackend(Backend):
         self._model = model
         self._options = options
         self._sha256 = model.sha256 or sha256_file(model.path)
+        # A GGUF that `agentctl models prepare --format gguf` placed in the cache has its
+        # manifest beside it; the bundled file and a user's own have none.
+        manifest = read_json_object(Path(model.path).parent / "manifest.json")
+        self._prepared_as = (str(manifest["format"]) if manifest.get("format")
+                             and manifest.get("weights_file") == Path(model.path).name
+                             and manifest.get("sha256") in (None, self._sha256) else None)
         self._eog_ids = self._find_eog_ids(llama_cpp)
         template = self._llm.metadata.get("tokenizer.chat_template")
         if template:
@@ -235,7 +244,7 @@ class LlamaCppBackend(Backend):
             ),
             "threads": self._options.threads if self._options else None,
             "load_ms": self._load_ms,
-            "prepared_as": None,  # GGUF files are served as they are, never converted
+            "prepared_as": self._prepared_as,
         }
 
     def close(self) -> None:

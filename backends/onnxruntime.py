@@ -74,6 +74,7 @@ from backends.base import (
     GenerationRequest,
     ModelSpec,
     TokenEvent,
+    read_json_object,
     sha256_file,
 )
 from backends.hf_tokenizer import HfChatTokenizer
@@ -81,14 +82,6 @@ from backends.sampling import LogitsSampler
 from backends.streaming import check_context, token_events
 
 logger = logging.getLogger(__name__)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -152,7 +145,7 @@ class OnnxRuntimeBackend(Backend):
         if not onnx_file.is_file():
             raise BackendError("unknown_model", f"no model.onnx in {folder}")
         self._folder, self._onnx_file = folder, onnx_file
-        self._manifest = _read_json(folder / "manifest.json")
+        self._manifest = read_json_object(folder / "manifest.json")
         t0 = time.monotonic()
         self._tok = HfChatTokenizer(folder)
         genai = (folder / "genai_config.json").is_file() and not options.extra.get("plain_ort")
@@ -181,7 +174,7 @@ class OnnxRuntimeBackend(Backend):
                 "backend_failed", f"onnxruntime-genai is needed for {folder}: {exc}"
             ) from exc
         assert self._tok is not None
-        cfg = _read_json(folder / "genai_config.json")
+        cfg = read_json_object(folder / "genai_config.json")
         session_options: dict[str, Any] = {
             "intra_op_num_threads": options.threads,
             "inter_op_num_threads": 1,
@@ -250,7 +243,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError("bad_request", f"{onnx_file}: outputs {missing} are missing")
         first = inputs[past[0]]
         self._kv_dtype = np.float16 if "float16" in first.type else np.float32
-        config = _read_json(folder / "config.json")
+        config = read_json_object(folder / "config.json")
         shape = first.shape
         heads = shape[1] if isinstance(shape[1], int) else None
         dim = shape[3] if isinstance(shape[3], int) else None
@@ -440,7 +433,7 @@ class OnnxRuntimeBackend(Backend):
 
 def _genai_precision(folder: Path) -> str | None:
     """int4/int8/fp32 from the builder's genai_config, when it says (else None)."""
-    cfg = _read_json(folder / "genai_config.json")
+    cfg = read_json_object(folder / "genai_config.json")
     text = json.dumps(cfg.get("model", {}).get("decoder", {}))
     for word in ("int4", "int8", "fp16", "fp32"):
         if word in text:

@@ -38,13 +38,11 @@ Engine facts this module relies on (ai-edge-litert 2.3, measured on this project
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 from backends.base import (
@@ -55,6 +53,7 @@ from backends.base import (
     GenerationRequest,
     ModelSpec,
     TokenEvent,
+    read_json_object,
     sha256_file,
 )
 from backends.hf_tokenizer import HfChatTokenizer, tokenizer_folder
@@ -129,7 +128,7 @@ class TfliteBackend(Backend):
             raise BackendError("backend_failed", f"ai-edge-litert is not usable: {exc}") from exc
         self._np = np
         folder = tokenizer_folder(path)
-        self._manifest = _read_json(folder / "manifest.json")
+        self._manifest = read_json_object(folder / "manifest.json")
         t0 = time.monotonic()
         self._tok = HfChatTokenizer(folder)
         try:
@@ -304,7 +303,7 @@ class TfliteBackend(Backend):
             "model_sha256": self._sha256,
             "format": "tflite",
             "quantization": self._manifest.get("quantization")
-            or _read_json(tokenizer_folder(self._model.path) / "litert_config.json").get(
+            or read_json_object(tokenizer_folder(self._model.path) / "litert_config.json").get(
                 "quantize") if self._model else None,
             "context_tokens": self._n_ctx or None,
             "model_context_tokens": self._kv_len or None,
@@ -342,9 +341,3 @@ def _dirty_prefix(buf: Any, shape: list[int], np: Any) -> int:
     return int(nonzero[-1]) + 1 if len(nonzero) else 0
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

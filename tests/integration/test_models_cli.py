@@ -115,3 +115,20 @@ def test_bench_refuses_a_format_the_backend_cannot_load() -> None:
         "--warmup", "0", "--max-tokens", "4", "--backend-opt", "model_format=onnx-optimum"])
     assert result.exit_code == 78
     assert "cannot load prepared format 'onnx-optimum'" in result.output
+
+
+def test_a_prepared_gguf_names_its_build_in_bench_records() -> None:
+    """`models prepare --format gguf` copies the GGUF into the cache with a manifest; a bench
+    of that file says so (a breaking pass found null there)."""
+    from agent.model_cache import find_prepared
+
+    found = find_prepared("smollm2-135m", "gguf")
+    assert found is not None  # install.sh --test prepares every format
+    result = CliRunner().invoke(main, [
+        "bench", "--model", str(found.entry), "--max-tokens", "4", "--runs", "1",
+        "--warmup", "0", "--threads", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["model"]["format"] == "gguf"
+    assert record["model"]["prepared_as"] == "gguf"
+    assert record["model"]["sha256"] == found.manifest["sha256"]

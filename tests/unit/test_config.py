@@ -206,3 +206,100 @@ def test_cli_config_check_lists_value_and_consistency_problems_together(
     for needle in ("unknown backend 'foo'", "agent.fleet", "agent.device",
                    "mqtt.ca_file needs an mqtts:// broker URL"):
         assert needle in res.output, (needle, res.output)
+
+
+def _check(runner: CliRunner, args: list[str], env: dict[str, str]) -> list[str]:
+    """Run a command that must refuse its configuration; the problem lines it printed."""
+    res = runner.invoke(main, args, env={"EDGELM_CONFIG": "", **env})
+    assert res.exit_code == 78, (res.exit_code, res.output, res.exception)
+    assert "Traceback" not in res.output
+    lines = res.output.strip().splitlines()
+    return [ln[4:] for ln in lines[1:]] if "configuration problems" in lines[0] else [
+        lines[0].removeprefix("agentctl: error: ")]
+
+
+def test_run_and_check_list_problems_from_every_stage_together(tmp_path: Path) -> None:
+    """Found by a breaking pass: a bad value hid the identity, backend, model and listen
+    problems behind it, and `run` stopped at its first failing stage (four runs for four
+    mistakes)."""
+    runner = CliRunner()
+    st = write(tmp_path, '[agent]\ndevice = "a/b"\n[model]\nbackend = "nope"\nname = "nosuch"\n'
+                         '[prometheus]\nenabled = true\nlisten = "x"\n')
+    for args in (["run", "--config", str(st), "--fleet", "f", "--broker", "mqtt://127.0.0.1:1"],
+                 ["config", "check", "--config", str(st)]):
+        problems = _check(runner, args, {})
+        assert len(problems) == 4, problems
+        for needle in ("agent.device 'a/b'", "unknown backend 'nope'", "unknown model 'nosuch'",
+                       "prometheus.listen 'x'"):
+            assert sum(needle in p for p in problems) == 1, (needle, problems)
+        assert all(p.startswith(f"{st}: ") for p in problems), problems
+    # a refused value, and the checks that do not depend on it, in one run
+    x = write(tmp_path, '[agent]\nfleet = "a/b"\n[model]\nthreads = "lots"\n')
+    problems = _check(runner, ["config", "check", "--config", str(x)], {"EDGELM_DEVICE": "d#"})
+    assert len(problems) == 3 and "environment EDGELM_DEVICE: agent.device" in problems[2]
+    problems = _check(runner, ["run", "--threads", "lots", "--backend", "nope", "--fleet",
+                               "a/b", "--device", "c#"], {})
+    assert [p.split(":")[0] for p in problems] == [
+        "flag for model.threads", "flag for agent.fleet", "flag for agent.device",
+        "flag for model.backend"], problems
+    # a file that is not TOML still lets the environment be checked
+    bad = tmp_path / "s.toml"
+    bad.write_text("[model\n")
+    problems = _check(runner, ["config", "check", "--config", str(bad)],
+                      {"EDGELM_MODEL_WORKER_NICE": "99"})
+    assert "not valid TOML" in problems[0] and "EDGELM_MODEL_WORKER_NICE" in problems[1]
+
+
+def test_config_check_refuses_what_run_refuses(tmp_path: Path) -> None:
+    """systemd/README says: config check, then reload. Each of these passed check and
+    failed run."""
+    runner = CliRunner()
+    for env, needle in (
+        ({"EDGELM_BROKER": "http://x"}, "environment EDGELM_BROKER: mqtt.broker: broker URL"),
+        ({"EDGELM_MODEL_NAME": "nosuch"}, "environment EDGELM_MODEL_NAME: model.name: unknown"),
+        ({"EDGELM_BROKER": "mqtts://h", "EDGELM_MQTT_KEY_FILE": "/x"},
+         "environment EDGELM_MQTT_KEY_FILE: mqtt.key_file needs mqtt.cert_file"),
+        ({"EDGELM_MQTT_PASSWORD_FILE": str(tmp_path / "none")},
+         "environment EDGELM_MQTT_PASSWORD_FILE: mqtt.password_file:"),
+        ({"EDGELM_PROMETHEUS_ENABLED": "1", "EDGELM_PROMETHEUS_LISTEN": "h:99999"},
+         "environment EDGELM_PROMETHEUS_LISTEN: prometheus.listen 'h:99999'"),
+    ):
+        problems = _check(runner, ["config", "check"], env)
+        assert problems == [p for p in problems if needle in p] and len(problems) == 1, (
+            env, problems)
+    # the TLS message names the key that was set and says the broker is the default
+    problems = _check(runner, ["config", "check"], {"EDGELM_MQTT_KEY_FILE": "/x"})
+    assert problems[0].startswith("environment EDGELM_MQTT_KEY_FILE: mqtt.key_file needs an "
+                                  "mqtts:// broker URL"), problems
+    assert "the default" in problems[0]
+
+
+def test_odd_values_are_config_errors_not_tracebacks(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for env, needle in (
+        ({"EDGELM_MODEL_THREADS": "²"}, "model.threads must be 'auto'"),  # isdigit() is true
+        ({"EDGELM_MODEL_THREADS": "٣"}, "model.threads must be 'auto'"),
+        ({"EDGELM_PROMETHEUS_ENABLED": "1", "EDGELM_PROMETHEUS_LISTEN": "h:²"},
+         "prometheus.listen"),
+        ({"EDGELM_MODEL_NAME": "y" * 300}, "File name too long"),
+        ({"EDGELM_DEVICE": "d\n"}, "agent.device"),  # `$` matched before a trailing newline
+        ({"EDGELM_DEVICE": "d" * 100_000}, "(100002 characters)"),  # long values are cut
+    ):
+        problems = _check(runner, ["config", "check"], env)
+        assert len(problems) == 1 and needle in problems[0], (env, problems)
+        assert len(problems[0]) < 400
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    assert _check(runner, ["config", "check", "--config", str(folder)], {}) == [
+        f"{folder}: is a directory, not a config file"]
+    assert "is a directory" in _check(runner, ["config", "check"],
+                                      {"EDGELM_CONFIG": str(folder)})[0]
+    # an unknown section is one problem, not one per key in it; TOML booleans read as TOML
+    many = write(tmp_path, "[bogus]\nx = 1\ny = 2\nz = 3\n[prometheus]\nlisten = true\n")
+    problems = _check(runner, ["config", "check", "--config", str(many)], {})
+    assert len(problems) == 2 and "unknown section [bogus]" in problems[0], problems
+    assert problems[1].endswith("got true"), problems
+    # a byte-order mark is not a syntax error
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[agent]\nfleet = 'f'\n")
+    assert load_config(bom).agent.fleet == "f"
