@@ -166,12 +166,15 @@ def render_bench_table(record: dict[str, Any]) -> str:
     cfg = record["config"]
     prompt = (f"{cfg['prompt_tokens']} synthetic tok" if cfg.get("prompt_tokens")
               else f"{record['n_prompt']} tok")
+    prepared = (f", prepared as {m['prepared_as']}"
+                if m.get("prepared_as") not in (None, m["format"]) else "")
     cold = record.get("cold")
     cold_text = (f"cold TTFT {_fmt(cold.get('ttft_ms'))} ms" if cold
-                 else "cold TTFT not measured (no warm-up run: the first measured run was cold)")
+                 else "cold TTFT not separate (--warmup 0: the first measured run was the cold "
+                      "one and is in the statistics)")
     lines = [
         f"model    {m['name']}  ({m['format']}"
-        f"{' from ' + m['prepared_as'] if m.get('prepared_as') not in (None, m['format']) else ''}"
+        f"{prepared}"
         f", {m.get('quantization') or '?'}, "
         f"{m['size_bytes'] / 1e6:.1f} MB, sha256 {(m['sha256'] or '?')[:12]}…)",
         f"backend  {record['backend']} {record['provenance'].get('engine_version') or ''}  "

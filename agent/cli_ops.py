@@ -324,7 +324,12 @@ def config_check(config_path: str | None, as_json: bool) -> None:
 
     Exits 78 listing every problem found, each naming the file (or variable, or flag) and key.
     """
+    from agent.config import ignored_env
+
     env = dict(os.environ)
+    for name in ignored_env(env):  # a typo in the section part configures nothing
+        click.echo(f"agentctl: warning: {name} is ignored: no configuration key has that name "
+                   "(EDGELM_<SECTION>_<KEY>, e.g. EDGELM_MODEL_THREADS)", err=True)
     try:
         # fleet and device may come from `run`'s flags, so only their values are checked;
         # a known model is found, not hashed (run verifies it)

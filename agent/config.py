@@ -18,6 +18,7 @@ See ``systemd/agent.toml.example`` for every key with its default and meaning.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,13 @@ DEFAULT_PATH = Path("/etc/edgelm/agent.toml")
 ENV_PREFIX = "EDGELM_"
 ENV_ALIASES = {"EDGELM_BROKER": "mqtt.broker", "EDGELM_FLEET": "agent.fleet",
                "EDGELM_DEVICE": "agent.device"}
+# EDGELM_* variables that are not configuration keys: read by install.sh, the model cache,
+# the tests or a backend. Any other EDGELM_ name that maps to no section is likely a typo.
+OTHER_ENV = frozenset({
+    "EDGELM_CONFIG", "EDGELM_HOME", "EDGELM_LLAMA_CMAKE_ARGS", "EDGELM_TOOLS_PYTHON",
+    "EDGELM_TOOLS_OPTIMUM_PYTHON", "EDGELM_TORCH_WHEEL_DIR", "EDGELM_TEST_MODELS",
+    "EDGELM_OPENAI_BASE_URL",
+})
 
 
 @dataclass(frozen=True)
@@ -247,6 +255,8 @@ def _coerce(where: str, key: str, ftype: str, value: Any, from_text: bool) -> An
         raise bad("true or false")
     if base == "int":
         if from_text and isinstance(value, str):
+            if not value.strip().isascii():  # int() reads '٥٠' as 50
+                raise bad("an integer")
             try:
                 return int(value)
             except ValueError:
@@ -255,14 +265,18 @@ def _coerce(where: str, key: str, ftype: str, value: Any, from_text: bool) -> An
             return value
         raise bad("an integer")
     if base == "float":
-        if from_text and isinstance(value, str):
+        number: float | None = None
+        if from_text and isinstance(value, str) and value.strip().isascii():
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                raise bad("a number") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad("a number")
+                number = None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        # TOML and float() both read inf and nan; no setting means "forever" that way
+        if number is None or not math.isfinite(number):
+            raise bad("a finite number")
+        return number
     if base == "str":
         if key.endswith(".threads") and isinstance(value, int) and not isinstance(value, bool):
             return str(value)
@@ -347,6 +361,18 @@ def parse_toml(text: str, where: str, problems: list[str] | None = None,
                 if bad_keys is not None:
                     bad_keys.add(f"{section}.{key}")
     return values
+
+
+def ignored_env(env: Mapping[str, str]) -> list[str]:
+    """``EDGELM_*`` names that configure nothing (e.g. ``EDGELM_MODLE_THREADS``), sorted."""
+    out = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in ENV_ALIASES or name in OTHER_ENV:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        if section not in _SECTIONS or not key:
+            out.append(name)
+    return out
 
 
 def env_values(env: Mapping[str, str], origins: dict[str, str] | None = None,

@@ -303,3 +303,22 @@ def test_odd_values_are_config_errors_not_tracebacks(tmp_path: Path) -> None:
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf[agent]\nfleet = 'f'\n")
     assert load_config(bom).agent.fleet == "f"
+
+
+def test_numbers_must_be_finite_ascii_and_typos_in_variable_names_are_named(
+    tmp_path: Path,
+) -> None:
+    for env, needle in (({"EDGELM_OUTBOX_TTL_S": "inf"}, "expected a finite number"),
+                        ({"EDGELM_TELEMETRY_INTERVAL_S": "nan"}, "expected a finite number"),
+                        ({"EDGELM_ADMISSION_QUEUE_SIZE": "٥٠"}, "expected an integer")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, env)
+    with pytest.raises(ConfigError, match="outbox.ttl_s: expected a finite number, got inf"):
+        load_config(write(tmp_path, "[outbox]\nttl_s = inf\n"))
+    assert load_config(None, {"EDGELM_OUTBOX_TTL_S": " 60 "}).outbox.ttl_s == 60.0
+    res = CliRunner().invoke(main, ["config", "check"], env={
+        "EDGELM_CONFIG": "", "EDGELM_MODLE_THREADS": "1", "EDGELM_HOME": "/x",
+        "EDGELM_MODEL_THREADS": "1"})
+    assert res.exit_code == 0, res.output
+    assert "warning: EDGELM_MODLE_THREADS is ignored" in res.stderr
+    assert "EDGELM_HOME" not in res.stderr and "EDGELM_MODEL_THREADS is" not in res.stderr
