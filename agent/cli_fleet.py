@@ -162,6 +162,10 @@ def fleet_cmd(db: str, fleet: str | None, as_json: bool) -> None:
 @click.option("--cloud-price-out", type=float, default=0.60, show_default=True,
               help="USD per million completion tokens.")
 @click.option("--price-per-kwh", type=float, default=0.25, show_default=True)
+@click.option("--assumed-power-w", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Estimate edge energy as this board power x service time (labelled "
+                   "'assumed') for devices that report no power; default: their energy and "
+                   "edge cost are null, with the reason.")
 @click.option("--seed", type=int, default=None)
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Outbox of accounting records and their sequence counter (default: the "
@@ -174,7 +178,8 @@ def route(broker: str, fleet: str, router_id: str, policy: str, http_port: int, 
           max_wait_s: float, max_outstanding: int, attempt_timeout: float, max_attempts: int,
           cloud_url: str | None, cloud_model: str | None, cloud_key_env: str | None,
           cloud_price_in: float, cloud_price_out: float, price_per_kwh: float,
-          seed: int | None, state_dir: str | None, db: str | None) -> None:
+          assumed_power_w: float | None, seed: int | None, state_dir: str | None,
+          db: str | None) -> None:
     """Edge-first router: MQTT and OpenAI-compatible HTTP in, devices or the cloud out.
 
     Every request's accounting record is committed to an on-disk outbox before the client
@@ -201,7 +206,8 @@ def route(broker: str, fleet: str, router_id: str, policy: str, http_port: int, 
         max_outstanding=max_outstanding,
         cloud=CloudConfig(cloud_url, cloud_model, cloud_key_env, cloud_price_in,
                           cloud_price_out) if cloud_url else None,
-        price_per_kwh=price_per_kwh, http_port=None if no_http else http_port, seed=seed,
+        price_per_kwh=price_per_kwh, assumed_power_w=assumed_power_w,
+        http_port=None if no_http else http_port, seed=seed,
         state_dir=Path(state_dir) if state_dir else default_state_dir() / "router" / router_id,
         db=db,
     )

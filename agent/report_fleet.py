@@ -361,7 +361,8 @@ def summarise(data: FleetData, price_kwh: float = 0.25) -> FleetSummary:
             "(no power probe on this device)"))
         temp: Value = (max(temps) if temps else Missing(
             "no telemetry stored" if not tel else "telemetry carried no temperature"))
-        served = [r for r in data.requests if r["served_by"] == "edge" and r["device"] == dev]
+        served = [r for r in data.requests if r["served_by"] == "edge" and r["device"] == dev
+                  and r["status"] == "ok"]
         energies = [r for r in served if r["energy_j"] is not None]
         e_j: Value
         e_est = False
@@ -406,7 +407,9 @@ def summarise(data: FleetData, price_kwh: float = 0.25) -> FleetSummary:
             temp_max_c=temp, mj_per_token=mpt,
             mj_per_token_estimated=mpt_est, mj_per_token_source=mpt_src,
             edge_energy_j=e_j, edge_energy_estimated=e_est, edge_cost_usd=cost))
-    cloud = [r for r in data.requests if r["served_by"] == "cloud"]
+    # served means answered: a request that ended in an error (a cloud that was down) counts
+    # as not served, wherever it was sent
+    cloud = [r for r in data.requests if r["served_by"] == "cloud" and r["status"] == "ok"]
     by_reason: dict[str, int] = {}
     for r in cloud:
         key = str(r["fallback_reason"] or "unknown")
@@ -416,8 +419,9 @@ def summarise(data: FleetData, price_kwh: float = 0.25) -> FleetSummary:
         "no request went to the cloud" if not cloud else "the records carry no cloud cost"))
     return FleetSummary(
         rows=tuple(rows), requests=len(data.requests),
-        edge=sum(1 for r in data.requests if r["served_by"] == "edge"), cloud=len(cloud),
-        not_served=sum(1 for r in data.requests if r["served_by"] not in ("edge", "cloud")),
+        edge=sum(1 for r in data.requests if r["served_by"] == "edge" and r["status"] == "ok"),
+        cloud=len(cloud),
+        not_served=sum(1 for r in data.requests if r["status"] != "ok"),
         cloud_by_reason=by_reason,
         cloud_prompt_tokens=sum(int(r["prompt_tokens"] or 0) for r in cloud),
         cloud_completion_tokens=sum(int(r["completion_tokens"] or 0) for r in cloud),

@@ -146,6 +146,23 @@ class FleetCollector:
             self.counts["malformed"] += 1
             logger.exception("could not store a message from %s", msg.topic)
 
+    def _lwt_time_ms(self, fleet: str, device: str, ts: int, retained: bool) -> int:
+        """When a device whose last will fired went away, as well as the collector can tell.
+
+        The will's payload (and its ``ts_unix_ms``) is fixed when the agent connects, so it
+        dates the crash to the connect. The broker publishes the will when it notices the
+        loss (at most 1.5 keepalives later), so a live will is dated on arrival. A retained
+        one, replayed at subscribe time after the collector was away, can only be dated no
+        earlier than the device's last stored telemetry.
+        """
+        if not retained:
+            return int(time.time() * 1000)
+        rows = self.store.query(
+            "SELECT telemetry_ts_ms, status_ts_ms FROM devices WHERE fleet = ? AND device = ?",
+            (fleet, device))
+        known = [int(v) for v in (rows[0] if rows else ()) if v is not None]
+        return max([ts, *known])
+
     def handle(self, topic: str, body: dict[str, Any], retained: bool = False) -> bool:
         """Store one decoded message; True if it was new. Public so tests can feed it.
 
@@ -161,6 +178,8 @@ class FleetCollector:
         ts = int(body.get("ts_unix_ms") or time.time() * 1000)
         seq = body.get("seq")
         if schema == "edgelm.status/1" and isinstance(seq, int):
+            if body.get("reason") == "lwt":
+                ts = self._lwt_time_ms(fleet, device, ts, retained)
             new = self.store.insert("status_events", {
                 "device": device, "seq": seq, "fleet": fleet, "ts_ms": ts,
                 "state": body.get("state"), "reason": body.get("reason"),

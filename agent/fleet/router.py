@@ -124,7 +124,10 @@ class RouterConfig:
         max_outstanding: Requests in flight per device (the agent's queue plus one).
         cloud: The fallback endpoint; None means refusing instead of falling back.
         price_per_kwh: Electricity price, USD/kWh (DESIGN.md §5 default 0.25).
-        assumed_power_w: Board power used when a device reports none.
+        assumed_power_w: Board power, W, to estimate edge energy with (power x service
+            time, labelled "assumed") for devices whose telemetry has no power reading.
+            None (default): their energy and edge cost are null with the reason, never a
+            guess.
         prior_decode_tok_s / prior_prefill_tok_s: Speed assumed before anything is measured.
         http_host / http_port: The OpenAI-compatible endpoint (port None: disabled).
         seed: Seed of the policy's random draws.
@@ -148,7 +151,7 @@ class RouterConfig:
     max_outstanding: int = 4
     cloud: CloudConfig | None = None
     price_per_kwh: float = 0.25
-    assumed_power_w: float = 5.0
+    assumed_power_w: float | None = None
     prior_decode_tok_s: float = 20.0
     prior_prefill_tok_s: float = 200.0
     http_host: str = "127.0.0.1"
@@ -167,8 +170,8 @@ class RouterConfig:
 class Sink:
     """Where a request's output goes (MQTT client or HTTP handler)."""
 
-    def text(self, delta: str) -> None:
-        """A new piece of generated text."""
+    def text(self, delta: str, tokens: int | None = None) -> None:
+        """A new piece of generated text, and the engine tokens that made it when known."""
 
     def final(self, result: dict[str, Any], record: dict[str, Any]) -> None:
         """The request is finished (``result`` is an ``edgelm.infer.result/1`` body)."""
@@ -180,7 +183,7 @@ class QueueSink(Sink):
     def __init__(self) -> None:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
 
-    def text(self, delta: str) -> None:
+    def text(self, delta: str, tokens: int | None = None) -> None:
         """Queue a text delta."""
         self.events.put(("text", delta))
 
@@ -311,8 +314,9 @@ class EdgeRouter:
                               else self.config.prior_decode_tok_s),
                 prefill_tok_s=self.config.prior_prefill_tok_s, context_tokens=2048,
                 online=False, max_outstanding=self.config.max_outstanding,
-                power_w=self.config.assumed_power_w)
-            dev.extra["power_source"] = "assumed"
+                power_w=self.config.assumed_power_w or 0.0)
+            dev.extra["power_source"] = ("assumed" if self.config.assumed_power_w is not None
+                                         else None)
             self.fleet.add(dev, time.monotonic())
         return dev
 
@@ -575,7 +579,10 @@ class EdgeRouter:
         now = time.monotonic()
         p.last_heard = now
         if body.get("schema") == CHUNK_SCHEMA:
-            self._emit(p, str(body.get("delta") or ""), now)
+            tokens = body.get("tokens")
+            self._emit(p, str(body.get("delta") or ""), now,
+                       tokens if isinstance(tokens, int) and not isinstance(tokens, bool)
+                       else None)
             return
         if body.get("schema") != RESULT_SCHEMA:
             return
@@ -611,21 +618,34 @@ class EdgeRouter:
                     " (estimated)" if estimated else "")
                 break
         else:
-            energy_j = dev.power_w * service_s
-            source = ("telemetry power x service time"
-                      if dev.extra.get("power_source") == "telemetry"
-                      else f"assumed {dev.power_w:g} W x service time")
+            power_source = dev.extra.get("power_source")
+            if power_source == "telemetry":
+                energy_j, source = dev.power_w * service_s, "telemetry power x service time"
+            elif power_source == "assumed":
+                energy_j = dev.power_w * service_s
+                source = f"assumed {dev.power_w:g} W (--assumed-power-w) x service time"
+            else:
+                energy_j = None
+                source = (f"not measured: device {dev.name} reports no power (no sensor in "
+                          "its telemetry); route --assumed-power-w W estimates it")
         self._finish(p, body, served_by="edge", device=dev.name, status="ok",
                      prompt_tokens=usage.get("prompt_tokens"),
                      completion_tokens=usage.get("completion_tokens"),
                      energy_j=energy_j, energy_source=source,
-                     cost_usd=energy_j / 3.6e6 * self.config.price_per_kwh,
+                     cost_usd=(energy_j / 3.6e6 * self.config.price_per_kwh
+                               if energy_j is not None else None),
                      device_timings=timings)
 
-    def _emit(self, p: _Pending, delta: str, now: float) -> None:
-        """Forward new text; on a retried attempt skip what the client already has."""
+    def _emit(self, p: _Pending, delta: str, now: float, tokens: int | None = None) -> None:
+        """Forward new text; on a retried attempt skip what the client already has.
+
+        ``tokens`` (the device chunk's count) goes along only when the whole delta is new:
+        for a delta cut by the skip the count of the part forwarded is unknown, and unknown
+        is left out rather than guessed.
+        """
         if not delta:
             return
+        whole = len(p.attempt_text) >= len(p.sent_text)
         p.attempt_text += delta
         if len(p.attempt_text) <= len(p.sent_text):
             return
@@ -633,7 +653,7 @@ class EdgeRouter:
         p.sent_text = p.attempt_text
         if p.first_text_mono is None:
             p.first_text_mono = now
-        p.sink.text(new)
+        p.sink.text(new, tokens if whole else None)
 
     def _to_cloud(self, p: _Pending, reason: str) -> None:
         p.device = None
@@ -847,12 +867,17 @@ class MqttSink(Sink):
         self.stream = stream
         self.index = 0
 
-    def text(self, delta: str) -> None:
-        """Publish one chunk (when the client asked for streaming)."""
+    def text(self, delta: str, tokens: int | None = None) -> None:
+        """Publish one chunk (when the client asked for streaming).
+
+        ``tokens`` is the device's own count; cloud text and re-routed remainders carry
+        none (the field is optional in the chunk schema), never an invented 1.
+        """
         if not self.stream:
             return
+        extra = {"tokens": tokens} if tokens is not None else {}
         body = self.router._envelope(CHUNK_SCHEMA, id=self.rid, index=self.index, delta=delta,
-                                     tokens=1)
+                                     **extra)
         self.index += 1
         self.router._link.publish(self.topic, _dumps(body), qos=1, properties=self.props)
 
@@ -925,6 +950,14 @@ def _make_handler(router: EdgeRouter) -> type[BaseHTTPRequestHandler]:
         def _error(self, code: int, message: str, kind: str) -> None:
             self._json(code, {"error": {"message": message, "type": kind, "code": kind}})
 
+        def _fail(self, result: dict[str, Any], record: dict[str, Any]) -> None:
+            err = result.get("error") or {}
+            code = 503 if err.get("code") in ("overloaded", "backend_failed") else (
+                504 if err.get("code") == "deadline_exceeded" else 400)
+            self._json(code, {"error": {"message": err.get("message"),
+                                        "type": err.get("code"), "code": err.get("code")},
+                              "edgelm": _edgelm(record, result)})
+
         def do_GET(self) -> None:
             if self.path.rstrip("/") == "/v1/models":
                 with router._lock:
@@ -951,8 +984,11 @@ def _make_handler(router: EdgeRouter) -> type[BaseHTTPRequestHandler]:
                 return
             stream = bool(body.get("stream", False))
             cid = f"chatcmpl-{uuid.uuid4().hex[:20]}"
-            request: dict[str, Any] = {"id": cid, "max_tokens": body.get("max_tokens")
-                                       or body.get("max_completion_tokens") or 256}
+            # `or` would turn max_tokens 0 into the default; a device refuses 0, so must this
+            limit = body.get("max_tokens")
+            if limit is None:
+                limit = body.get("max_completion_tokens")
+            request: dict[str, Any] = {"id": cid, "max_tokens": 256 if limit is None else limit}
             # OpenAI clients send null for "not set"; our request schema has no nulls
             for k in ("messages", "temperature", "top_p", "seed", "stop"):
                 if body.get(k) is not None:
@@ -968,6 +1004,13 @@ def _make_handler(router: EdgeRouter) -> type[BaseHTTPRequestHandler]:
             sink = QueueSink()
             router.submit(request, sink, source="http")
             created = int(time.time())
+            # A request that fails before any text (no device and the cloud down, a deadline)
+            # gets an HTTP error status, streaming or not, as OpenAI's API does; only a failure
+            # after the stream has started is reported inside it.
+            first = sink.events.get()
+            if first[0] == "final" and first[1][0].get("status") != "ok":
+                self._fail(*first[1])
+                return
             if stream:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -987,36 +1030,36 @@ def _make_handler(router: EdgeRouter) -> type[BaseHTTPRequestHandler]:
 
                 try:
                     send(chunk({"role": "assistant", "content": ""}, None))
+                    event = first
                     while True:
-                        kind, value = sink.events.get()
+                        kind, value = event
                         if kind == "text":
                             send(chunk({"content": value}, None))
+                            event = sink.events.get()
                             continue
                         result, record = value
-                        final = chunk({}, result.get("finish_reason") if result.get(
-                            "status") == "ok" else "error")
+                        ok = result.get("status") == "ok"
+                        final = chunk({}, result.get("finish_reason") if ok else "error")
                         final["usage"] = _usage(record)
                         final["edgelm"] = _edgelm(record, result)
                         send(final)
+                        if not ok:  # mid-stream failure: say what it was
+                            err = result.get("error") or {}
+                            send({"error": {"message": err.get("message"),
+                                            "type": err.get("code"), "code": err.get("code")}})
                         self.wfile.write(b"data: [DONE]\n\n")
                         self.wfile.flush()
                         return
                 except (BrokenPipeError, ConnectionResetError):
                     return  # the request still finishes and is accounted
             texts: list[str] = []
-            while True:
-                kind, value = sink.events.get()
-                if kind == "text":
-                    texts.append(value)
-                    continue
-                result, record = value
-                break
+            event = first
+            while event[0] == "text":
+                texts.append(event[1])
+                event = sink.events.get()
+            result, record = event[1]
             if result.get("status") != "ok":
-                err = result.get("error") or {}
-                code = 503 if err.get("code") in ("overloaded", "backend_failed") else 400
-                self._json(code, {"error": {"message": err.get("message"),
-                                            "type": err.get("code"), "code": err.get("code")},
-                                  "edgelm": _edgelm(record, result)})
+                self._fail(result, record)
                 return
             self._json(200, {
                 "id": cid, "object": "chat.completion", "created": created,
@@ -1037,8 +1080,11 @@ def _usage(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _edgelm(record: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    return {k: record.get(k) for k in ("served_by", "edge_device", "fallback_reason", "attempts",
-                                       "tried", "energy_j", "cost_usd", "ttft_ms", "e2e_ms")}
+    # served_by says where the request was sent; status says whether it was answered there
+    return {k: record.get(k) for k in ("status", "error_code", "served_by", "edge_device",
+                                       "fallback_reason", "attempts", "tried", "energy_j",
+                                       "energy_source", "cost_usd", "token_counts", "ttft_ms",
+                                       "e2e_ms")}
 
 
 def serve(config: RouterConfig, broker: BrokerConfig,

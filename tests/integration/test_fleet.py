@@ -155,7 +155,7 @@ def check_fleet_report(store: FleetStore, fleet: str, records: list[dict[str, An
         assert row.served == sum(1 for x in records if x["served_by"] == "edge"
                                  and x["edge_device"] == row.device)
         assert isinstance(row.ttft_p50_ms, float) and isinstance(row.decode_p50_tok_s, float)
-        assert isinstance(row.edge_energy_j, float)
+        assert isinstance(row.edge_energy_j, Missing) and row.edge_energy_j.why  # no sensor
         for value in (row.power_mean_w, row.temp_max_c, row.mj_per_token):
             assert isinstance(value, float) or (isinstance(value, Missing) and value.why)
     gone = summary.row(victim)
@@ -272,9 +272,13 @@ def test_fleet_burst_overflow_failover_and_accounting(
         assert finals[long_id]["served_by"]["device"] == "cloud"
         for x in burst:
             assert x["completion_tokens"] and x["completion_tokens"] <= 4
-            assert x["cost_usd"] is not None and x["cost_usd"] >= 0
             if x["served_by"] == "edge":
-                assert x["energy_j"] is not None and x["energy_source"]
+                # this VM has no power sensor: energy and edge cost are null with the reason
+                # (the router once filled in 5 W x service time)
+                assert x["energy_j"] is None and x["cost_usd"] is None
+                assert x["energy_source"].startswith("not measured: device ")
+            else:
+                assert x["cost_usd"] is not None and x["cost_usd"] >= 0
 
         # ---- phase 2: a second router (fresh budgets; r1 leaves the ingress group), a device
         # is killed while it streams, and its request is re-routed

@@ -215,3 +215,98 @@ def test_expired_deadline_is_not_retried(broker: Mosquitto, cloud: StubCloud) ->
         r.stop()
         a.close()
         client.close()
+
+
+def _post(port: int, body: dict[str, Any]) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_no_guessed_energy_device_token_counts_and_honest_http_errors(
+    broker: Mosquitto,
+) -> None:
+    """A new user's trial: the router reported 5 W x service time as edge energy for devices
+    with no power sensor, relayed every chunk with tokens 1, accepted max_tokens 0 over HTTP,
+    and answered a failed streaming request with HTTP 200 and no error."""
+    fleet = f"rt-{uuid.uuid4().hex[:6]}"
+    dev = FakeDevice(broker.port, fleet, "a")  # sends no telemetry: no power reading
+    client = TestClient(broker.port)
+    routers = []
+    try:
+        plain = make_router(broker, fleet, None, router_id="plain")
+        assumed = make_router(broker, fleet, None, router_id="assumed", assumed_power_w=7.5)
+        routers += [plain, assumed]
+        for r in routers:
+            wait_for(lambda r=r: r.online_devices() == ["a"], "device online")
+        # the request goes through one router's ingress at a time (both share the topic:
+        # the v5 shared subscription gives it to one), so ask each router directly
+        for r in routers:
+            before = len(r.records)
+            r.submit({"id": f"e-{r.config.router_id}", "prompt": "hi", "max_tokens": 4},
+                     sink := _Collect(), source="mqtt")
+            wait_for(lambda r=r, n=before: len(r.records) > n, "record")
+            rec = r.records[-1]
+            assert rec["served_by"] == "edge" and rec["status"] == "ok"
+            assert sink.tokens == [2]  # the device's own count, passed through
+            if r is plain:
+                assert rec["energy_j"] is None and rec["cost_usd"] is None
+                assert rec["energy_source"].startswith("not measured: device a reports no "
+                                                       "power"), rec["energy_source"]
+            else:
+                assert rec["energy_j"] == pytest.approx(7.5 * 0.040)  # e2e 41 - queue 1 ms
+                assert "assumed 7.5 W" in rec["energy_source"]
+                assert rec["cost_usd"] == pytest.approx(7.5 * 0.040 / 3.6e6 * 0.25)
+            validate(rec, "route_record.json")
+        # over MQTT, streamed: the relayed chunk carries the device's token count
+        reply = f"test/replies/{uuid.uuid4().hex}"
+        client.subscribe(reply)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply
+        client.publish(f"edgelm/v1/{fleet}/route/request", json.dumps(
+            {"id": "s1", "prompt": "hi", "max_tokens": 4, "stream": True}).encode(),
+            properties=props)
+        chunk = json.loads(client.get(15, topic=reply).payload)
+        validate(chunk, "infer_chunk.json")
+        assert chunk["tokens"] == 2 and chunk["delta"] == "from a"
+        # HTTP: max_tokens 0 is refused as the device would; a request nobody can serve is
+        # an HTTP error, streaming or not
+        status, raw = _post(plain.http_port or 0, {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})
+        assert status == 400 and b"max_tokens" in raw, raw
+        dev.status("offline")  # its last will
+        for r in routers:
+            wait_for(lambda r=r: r.online_devices() == [], "device offline")
+        for stream in (False, True):
+            status, raw = _post(plain.http_port or 0, {
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                "stream": stream})
+            body = json.loads(raw)
+            # no online device has the model and there is no cloud: refused, not a 200
+            assert status == 400, (stream, status, raw)
+            assert body["error"]["code"] == "unknown_model", body
+            assert body["edgelm"]["status"] == "error"
+            assert body["edgelm"]["fallback_reason"] == "no_model"
+    finally:
+        for r in routers:
+            r.stop()
+        client.close()
+        dev.close()
+
+
+class _Collect:
+    """A sink that keeps what the router forwards."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int | None] = []
+
+    def text(self, delta: str, tokens: int | None = None) -> None:
+        self.tokens.append(tokens)
+
+    def final(self, result: dict[str, Any], record: dict[str, Any]) -> None:
+        pass

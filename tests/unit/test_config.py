@@ -313,7 +313,7 @@ def test_numbers_must_be_finite_ascii_and_typos_in_variable_names_are_named(
                         ({"EDGELM_ADMISSION_QUEUE_SIZE": "٥٠"}, "expected an integer")):
         with pytest.raises(ConfigError, match=needle):
             load_config(None, env)
-    with pytest.raises(ConfigError, match="outbox.ttl_s: expected a finite number, got inf"):
+    with pytest.raises(ConfigError, match=r"outbox\.ttl_s: expected a finite number, got inf"):
         load_config(write(tmp_path, "[outbox]\nttl_s = inf\n"))
     assert load_config(None, {"EDGELM_OUTBOX_TTL_S": " 60 "}).outbox.ttl_s == 60.0
     res = CliRunner().invoke(main, ["config", "check"], env={

@@ -62,16 +62,20 @@ def test_telemetry_buckets_average_power_and_keep_peak_temperature() -> None:
 def test_costs_and_estimates_from_router_records() -> None:
     data = FleetData(fleet="f", devices=["d"], states={"d": "online"}, t0_ms=0, t1_ms=10)
     data.requests = [
-        {"served_by": "edge", "device": "d", "energy_j": 36.0, "completion_tokens": 10,
+        {"served_by": "edge", "status": "ok", "device": "d", "energy_j": 36.0,
+         "completion_tokens": 10,
          "prompt_tokens": 5, "cost_usd": None, "fallback_reason": None,
          "energy_source": "device rapl"},
-        {"served_by": "edge", "device": "d", "energy_j": 36.0, "completion_tokens": 20,
+        {"served_by": "edge", "status": "ok", "device": "d", "energy_j": 36.0,
+         "completion_tokens": 20,
          "prompt_tokens": 5, "cost_usd": None, "fallback_reason": None,
          "energy_source": "telemetry power x service time"},
-        {"served_by": "cloud", "device": None, "energy_j": None, "completion_tokens": 3,
+        {"served_by": "cloud", "status": "ok", "device": None, "energy_j": None,
+         "completion_tokens": 3,
          "prompt_tokens": 11, "cost_usd": 0.002, "fallback_reason": "no_capacity",
          "energy_source": None},
-        {"served_by": "none", "device": None, "energy_j": None, "completion_tokens": None,
+        {"served_by": "none", "status": "error", "device": None, "energy_j": None,
+         "completion_tokens": None,
          "prompt_tokens": None, "cost_usd": None, "fallback_reason": None,
          "energy_source": None},
     ]
@@ -84,6 +88,15 @@ def test_costs_and_estimates_from_router_records() -> None:
     assert (s.edge, s.cloud, s.not_served) == (2, 1, 1)
     assert s.cloud_by_reason == {"no_capacity": 1}
     assert s.cloud_cost_usd == pytest.approx(0.002)
+    # a cloud fallback that failed (the endpoint was down) was not served: a new user's
+    # report showed "cloud served 5, not served 0" with two of the five unanswered
+    failed = {"served_by": "cloud", "status": "error", "device": None, "energy_j": None,
+              "completion_tokens": None, "prompt_tokens": None, "cost_usd": None,
+              "fallback_reason": "no_capacity", "energy_source": None}
+    s2 = summarise(FleetData(fleet="f", devices=["d"], states={"d": "online"}, t0_ms=0,
+                             t1_ms=10, requests=[*data.requests, failed]), price_kwh=0.5)
+    assert (s2.edge, s2.cloud, s2.not_served) == (2, 1, 2)
+    assert s2.cloud_by_reason == {"no_capacity": 1}
     assert (s.cloud_prompt_tokens, s.cloud_completion_tokens) == (11, 3)
     # only the device's own, non-estimated energy counts as measured
     data.requests = data.requests[:1]

@@ -130,6 +130,30 @@ def test_status_order_retained_by_seq_live_by_arrival(db_url: str) -> None:
     store.close()
 
 
+def test_a_last_will_is_dated_when_it_fires_not_when_it_was_registered(db_url: str) -> None:
+    """A new user's report showed a kill -9'd device online 99.8 % of the time: the will's
+    payload (and ts) is fixed at connect, so the crash was dated to the connect."""
+    store = FleetStore(db_url)
+    c = collector(store)
+    connected = now_ms() - 600_000  # the agent connected ten minutes ago
+    will = {**status("d1", 1, "offline"), "reason": "lwt", "ts_unix_ms": connected}
+    c.handle("edgelm/v1/f/d1/status", {**status("d1", 2), "ts_unix_ms": connected})
+    before = now_ms()
+    c.handle("edgelm/v1/f/d1/status", will)  # live: the broker publishes it on the loss
+    (ts,) = store.query("SELECT ts_ms FROM status_events WHERE device = 'd1' AND seq = 1")[0]
+    assert before <= int(ts) <= now_ms()
+    # a retained will replayed after the collector was away: no earlier than the device's
+    # last stored telemetry (it was alive then), not its connect time
+    seen = now_ms() - 120_000
+    c.handle("edgelm/v1/f/d2/status", {**status("d2", 5), "ts_unix_ms": connected})
+    c.handle("edgelm/v1/f/d2/telemetry", telemetry("d2", 6, seen))
+    c.handle("edgelm/v1/f/d2/status", {**status("d2", 4, "offline"), "reason": "lwt",
+                                       "ts_unix_ms": connected}, retained=True)
+    (ts,) = store.query("SELECT ts_ms FROM status_events WHERE device = 'd2' AND seq = 4")[0]
+    assert int(ts) == seen
+    store.close()
+
+
 def test_telemetry_downsampling_and_fleet_view(db_url: str) -> None:
     store = FleetStore(db_url)
     c = collector(store, telemetry_every_s=10.0)
