@@ -229,10 +229,15 @@ def route(broker: str, fleet: str, router_id: str, policy: str, http_port: int, 
         _fail(f"cannot start the router: {exc}", EXIT_CONFIG)
 
 
+DEFAULT_MIX = "jetson-agx-orin:2,jetson-orin-nano:4,rpi5:10"
+
+
 @click.command("simulate")
-@click.option("--devices", "mix", default="jetson-agx-orin:2,jetson-orin-nano:4,rpi5:10",
-              show_default=True, help="Preset mix NAME:COUNT,… (presets: jetson-agx-orin, "
-              "jetson-orin-nano, rpi5; approximate public figures).")
+@click.option("--devices", "mix", default=None,
+              help="Preset mix NAME:COUNT,… (presets: jetson-agx-orin, jetson-orin-nano, "
+                   "rpi5; approximate public figures). Default: "
+                   f"{DEFAULT_MIX} without --bench, none with it (the measured devices "
+                   "alone; give --devices too to mix them with presets).")
 @click.option("--bench", "bench_files", multiple=True, metavar="FILE[:COUNT]",
               help="Device profile from a bench record (agentctl bench --json); repeatable. "
                    "Use FILE:COUNT for several such devices.")
@@ -284,6 +289,8 @@ def simulate_cmd(mix: str, bench_files: tuple[str, ...], requests: int, users: i
     )
 
     try:
+        if mix is None:
+            mix = "" if bench_files else DEFAULT_MIX
         devices = parse_mix(mix) if mix else []
         for spec in bench_files:
             path, count = spec, "1"

@@ -357,8 +357,9 @@ def outbox_group() -> None:
 @outbox_group.command("stats")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="State directory (default: as agentctl run).")
-def outbox_stats(state_dir: str | None) -> None:
-    """Print how many messages wait in the outbox, by kind, oldest first."""
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
+def outbox_stats(state_dir: str | None, as_json: bool) -> None:
+    """Print how many messages wait in the outbox, by kind, with the oldest one's age."""
     import sqlite3
 
     from agent.daemon import default_state_dir
@@ -374,5 +375,18 @@ def outbox_stats(state_dir: str | None) -> None:
         _fail(f"{path}: {exc}")
     finally:
         db.close()
-    click.echo(json.dumps({"path": str(path), "kinds": [
-        {"kind": k, "depth": n, "bytes": b, "oldest_unix_ms": t} for k, n, b, t in rows]}))
+    if as_json:
+        click.echo(json.dumps({"path": str(path), "kinds": [
+            {"kind": k, "depth": n, "bytes": b, "oldest_unix_ms": t} for k, n, b, t in rows]}))
+        return
+    import time
+
+    click.echo(f"outbox {path}")
+    if not rows:
+        click.echo("  empty: everything has been delivered to the broker")
+        return
+    click.echo(f"  {'kind':<12} {'waiting':>8} {'bytes':>12} {'oldest':>12}")
+    now_ms = time.time() * 1000
+    for kind, n, size, oldest in rows:
+        click.echo(f"  {kind:<12} {n:>8,} {int(size or 0):>12,} "
+                   f"{max(0.0, (now_ms - oldest) / 1000):>10.1f} s")

@@ -1139,11 +1139,13 @@ class AgentDaemon:
             self._request_reload()
         self.start()
         notify("READY=1\nSTATUS=serving " + self.config.model.name)
+        failures = self._link.connect_failures
         logger.info("ready: %s/%s serving %s on %s (%d thread(s)); broker %s:%d%s",
                     self.config.fleet, self.config.device, self.config.model.name,
                     self.config.backend, self.config.threads, self.config.broker.host,
                     self.config.broker.port, "" if self._link.is_connected()
-                    else " (not connected yet; retrying)")
+                    else f" (not connected: {failures} attempt(s) failed, retrying)" if failures
+                    else " (connecting)")
         tick_s = min(0.5, watchdog_interval_s() or 0.5)
         while not self._stop.wait(tick_s):
             # Fed from the main loop, not a side thread: a hung loop stops the pings.

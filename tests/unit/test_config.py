@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,23 @@ def test_numbers_must_be_finite_ascii_and_typos_in_variable_names_are_named(
     assert res.exit_code == 0, res.output
     assert "warning: EDGELM_MODLE_THREADS is ignored" in res.stderr
     assert "EDGELM_HOME" not in res.stderr and "EDGELM_MODEL_THREADS is" not in res.stderr
+
+
+def test_cli_outbox_stats_table_and_json(tmp_path: Path) -> None:
+    from agent.outbox import OutboxQueue
+
+    q = OutboxQueue(tmp_path / "outbox.sqlite3", clock=lambda: time.time() - 30)
+    q.put("t/a", b"x" * 100, kind="result")
+    q.put("t/b", b"y" * 50, kind="result")
+    q.put("t/c", b"{}", kind="bench")
+    q.close()
+    res = CliRunner().invoke(main, ["outbox", "stats", "--state-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == f"outbox {tmp_path / 'outbox.sqlite3'}"
+    bench, result = lines[2].split(), lines[3].split()
+    assert (bench[0], bench[1], result[0], result[1]) == ("bench", "1", "result", "2")
+    assert 29.0 <= float(result[3]) < 3600  # queued 30 s ago, by the injected clock
+    res = CliRunner().invoke(main, ["outbox", "stats", "--state-dir", str(tmp_path), "--json"])
+    kinds = {k["kind"]: k["depth"] for k in json.loads(res.output)["kinds"]}
+    assert kinds == {"bench": 1, "result": 2}

@@ -116,5 +116,13 @@ def test_cli_simulate_from_bench_records(tmp_path: Path) -> None:
     report = json.loads(res.output)
     assert report["config"]["devices"] == {"box": 3}
     assert "bench record box.json" in report["config"]["device_sources"][0]
+    # --bench alone means the measured devices alone (it used to add the 16 presets)
+    res = CliRunner().invoke(main, ["simulate", "--bench", f"{f}:2", "--requests", "300",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["config"]["devices"] == {"box": 2}
+    res = CliRunner().invoke(main, ["simulate", "--devices", "rpi5:1", "--bench", str(f),
+                                    "--requests", "300", "--json"])
+    assert json.loads(res.output)["config"]["devices"] == {"box": 1, "rpi5": 1}
     bad = CliRunner().invoke(main, ["simulate", "--bench", str(tmp_path / "missing.json")])
     assert bad.exit_code == 78
