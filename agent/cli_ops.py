@@ -25,6 +25,7 @@ from agent.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # the daemon pulls in paho and the backends; import it lazily
     from agent.daemon import DaemonConfig
+    from agent.models import ResolvedModel
 
 _FLAG_KEYS = {
     "broker": "mqtt.broker", "fleet": "agent.fleet", "device": "agent.device",
@@ -143,8 +144,8 @@ def broker_problems(cfg: AgentConfig) -> list[str]:
 
 
 def service_problems(cfg: AgentConfig, *, identity_required: bool,
-                     skip: frozenset[str] = frozenset(), verify_model: bool = True
-                     ) -> list[str]:
+                     skip: frozenset[str] = frozenset(), verify_model: bool = True,
+                     models: list[ResolvedModel] | None = None) -> list[str]:
     """What ``agentctl run`` would refuse in an otherwise well-formed configuration.
 
     Every check runs, so one pass lists every problem; a check is skipped when a key it
@@ -157,6 +158,7 @@ def service_problems(cfg: AgentConfig, *, identity_required: bool,
         skip: ``section.key`` names whose values were refused.
         verify_model: Hash a known model against its published sha256 (``run``); ``config
             check`` only checks that it resolves.
+        models: Receives the resolved model, so ``run`` does not hash it a second time.
     """
     from agent.models import resolve_model
     from backends.base import resolve_threads
@@ -182,7 +184,9 @@ def service_problems(cfg: AgentConfig, *, identity_required: bool,
             keep(exc)
     if "model.name" not in skip:
         try:
-            resolve_model(cfg.model.name, verify=verify_model)
+            resolved = resolve_model(cfg.model.name, verify=verify_model)
+            if models is not None:
+                models.append(resolved)
         except ModelError as exc:
             problems.append(f"{cfg.where('model.name')}: model.name: {exc}")
     if not any(k.startswith("mqtt.") for k in skip):
@@ -198,8 +202,11 @@ def service_problems(cfg: AgentConfig, *, identity_required: bool,
 
 
 def checked_config(explicit: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
-                   *, identity_required: bool, verify_model: bool = True) -> AgentConfig:
+                   *, identity_required: bool, verify_model: bool = True,
+                   models: list[ResolvedModel] | None = None) -> AgentConfig:
     """Load the configuration and run every check on it, raising all problems at once.
+
+    ``models`` receives the model resolved while checking (see :func:`service_problems`).
 
     Raises:
         ConfigError: Listing every problem: refused values first, then what ``run`` would
@@ -214,7 +221,7 @@ def checked_config(explicit: str | None, flags: Mapping[str, Any], env: Mapping[
             exc.partial, identity_required=identity_required, skip=exc.bad_keys,
             verify_model=False)) from None
     problems = service_problems(cfg, identity_required=identity_required,
-                                verify_model=verify_model)
+                                verify_model=verify_model, models=models)
     if problems:
         raise ConfigError.of(problems)
     return cfg
@@ -255,22 +262,21 @@ def daemon_config_from(explicit: str | None, flags: Mapping[str, Any],
     """Everything ``agentctl run`` needs, from file, environment and flags.
 
     Raises:
-        ConfigError: Naming the file/flag and key. ModelError: the model cannot be resolved.
+        ConfigError: Every problem, each naming the file/flag/variable and key (a model that
+            cannot be resolved or fails verification included).
     """
     from agent.daemon import DaemonConfig, default_state_dir
-    from agent.models import resolve_model
     from agent.outbox import OutboxConfig
     from backends.base import resolve_threads
 
-    cfg = checked_config(explicit, flags, env, identity_required=True)
-    assert cfg.agent.fleet and cfg.agent.device  # checked just above
+    models: list[ResolvedModel] = []  # resolved (and hashed) once, by the check
+    cfg = checked_config(explicit, flags, env, identity_required=True, models=models)
+    assert cfg.agent.fleet and cfg.agent.device and models  # checked just above
+    resolved = models[0]
     try:
         n_threads, how = resolve_threads(cfg.model.threads)
-        resolved = resolve_model(cfg.model.name)
     except ValueError as exc:  # checked just above; a CPU set can change meanwhile
         raise ConfigError(f"{cfg.where('model.threads')}: model.threads: {exc}") from None
-    except ModelError as exc:  # checked just above; the file can change meanwhile
-        raise ConfigError(f"{cfg.where('model.name')}: model.name: {exc}") from None
     a, o = cfg.admission, cfg.outbox
     return DaemonConfig(
         broker=broker_config_of(cfg), fleet=cfg.agent.fleet, device=cfg.agent.device,
